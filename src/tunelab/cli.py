@@ -1,0 +1,178 @@
+"""The ``tunelab`` command: one explicit table of subcommands, each a thin call."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunelab import __version__
+from tunelab.config import TuneConfig, load_config, resolved_dict
+from tunelab.errors import TunelabError
+
+EXAMPLES = Path(__file__).parent / "examples"
+DEMO_PROMPT = "What is your name?"
+
+# Named flags of `train` and `validate`: (flag, config key, type).
+CONFIG_FLAGS: list[tuple[str, str, Callable[[str], Any]]] = [
+    ("--base-model", "base_model", str),
+    ("--output", "output_dir", str),
+    ("--epochs", "num_epochs", float),
+    ("--max-steps", "max_steps", int),
+    ("--learning-rate", "learning_rate", float),
+    ("--batch-size", "micro_batch_size", int),
+    ("--gradient-accumulation-steps", "gradient_accumulation_steps", int),
+    ("--lora-r", "lora_r", int),
+    ("--lora-alpha", "lora_alpha", int),
+    ("--sequence-len", "sequence_len", int),
+    ("--validation-split", "val_set_size", float),
+    ("--optimizer", "optimizer", str),
+    ("--seed", "seed", int),
+]
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML or JSON config file (axolotl keys)")
+    p.add_argument("--data", help="data file(s), comma-separated; replaces the config's datasets")
+    p.add_argument("--dataset-format", help="format of the --data files (default: auto)")
+    fields = TuneConfig.model_fields
+    for flag, key, kind in CONFIG_FLAGS:
+        p.add_argument(flag, dest=key, type=kind, help=f"{fields[key].description} [{key}]")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any config key (dotted for nested, e.g. datasets.0.type=alpaca); repeatable",
+    )
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = {
+        key: getattr(args, key) for _, key, _ in CONFIG_FLAGS if getattr(args, key) is not None
+    }
+    if args.data:
+        paths = [p.strip() for p in args.data.split(",") if p.strip()]
+        overrides["datasets"] = [
+            {"path": p, **({"type": args.dataset_format} if args.dataset_format else {})}
+            for p in paths
+        ]
+    elif args.dataset_format:
+        overrides["datasets.0.type"] = args.dataset_format
+    return overrides
+
+
+def _load(args: argparse.Namespace):
+    return load_config(args.config, _overrides(args), args.sets)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from tunelab.data.prepare import load_examples
+    from tunelab.errors import PreflightError
+    from tunelab.train.preflight import detect_hardware, preflight
+
+    loaded = _load(args)
+    print(yaml.safe_dump(resolved_dict(loaded.config), sort_keys=False), end="")
+    for note in loaded.notes:
+        print(f"note: {note}", file=sys.stderr)
+    examples, sources = load_examples(loaded.config)
+    for s in sources:
+        print(f"data: {s.path}: {s.format}, {s.rows} rows", file=sys.stderr)
+    try:
+        preflight(loaded.config, detect_hardware())
+    except PreflightError as exc:
+        print(f"warning: valid, but {exc.message}", file=sys.stderr)
+    print(f"ok: {len(examples)} examples; the configuration is valid", file=sys.stderr)
+    return 0
+
+
+def _print_samples(result) -> None:
+    for s in result.samples:
+        print(f"\nprompt: {s.prompt}\n  before training: {s.before}\n  after training:  {s.after}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tunelab.train.run import train
+
+    result = train(_load(args), overwrite=args.overwrite, sample_prompts=args.sample or ())
+    _print_samples(result)
+    print(f"\nadapter saved in {result.run_dir}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tunelab.train.run import train
+
+    overrides = {"datasets.0.path": str(EXAMPLES / "demo_alpaca.json"), "output_dir": args.output}
+    loaded = load_config(EXAMPLES / "demo.yaml", overrides)
+    print(f"tunelab demo: LoRA on the built-in model, {EXAMPLES / 'demo_alpaca.json'}")
+    result = train(loaded, overwrite=True, sample_prompts=[DEMO_PROMPT])
+    _print_samples(result)
+    print(f"\nThe trained adapter is in {result.run_dir}")
+    print(f"Loss curves: {result.run_dir / 'training_history.png'}")
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "train": (cmd_train, "fine-tune a model on your data"),
+    "validate": (cmd_validate, "check a config and its data without training"),
+    "demo": (cmd_demo, "train the built-in model on the bundled demo data"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune open language models.")
+    parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name in ("train", "validate"):
+            _add_config_options(p)
+        if name == "train":
+            p.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
+            p.add_argument(
+                "--sample", action="append", metavar="PROMPT",
+                help="print the model's answer to PROMPT before and after training; repeatable",
+            )  # fmt: skip
+        if name == "demo":
+            p.add_argument("--output", default="outputs/demo", help="where to put the demo run")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - a declared dependency
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    handler = COMMANDS[args.command][0]
+    try:
+        return handler(args)
+    except TunelabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Turn a config file plus command-line settings into a validated :class:`TuneConfig`.
+
+Every problem is collected and raised at once as a :class:`ConfigError`, each line
+starting with the dotted path of the key it is about.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from tunelab.config.keys import (
+    ALIASES,
+    ENVELOPE_KEYS,
+    UNSUPPORTED,
+    UNSUPPORTED_DATASET_KEYS,
+    is_empty,
+)
+from tunelab.config.locations import data_path_problem, model_problem
+from tunelab.config.schema import DatasetSource, TuneConfig
+from tunelab.errors import ConfigError
+
+
+@dataclass
+class LoadedConfig:
+    """A validated config and what loading it noticed (ignored keys, hints)."""
+
+    config: TuneConfig
+    notes: list[str] = field(default_factory=list)
+    source: str | None = None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML or JSON file into a mapping; syntax errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path}: no such config file"])
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text) if text.strip() else {}
+        else:
+            data = yaml.safe_load(text) or {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError([f"{path}:{exc.lineno}: invalid JSON: {exc.msg}"]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{path}{line}: invalid YAML: {problem}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: expected a mapping of keys to values at the top level"])
+    return data
+
+
+def unwrap_request(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """Take the ``args`` out of a RunPod-style ``{"input": {"args": {...}}}`` request."""
+    if set(data) != {"input"} or not isinstance(data["input"], dict):
+        return data
+    request = data["input"]
+    if "args" not in request or not isinstance(request["args"], dict):
+        raise ConfigError(["input.args: a request needs its config as a mapping under input.args"])
+    unknown = sorted(set(request) - ENVELOPE_KEYS - {"args"})
+    if unknown:
+        raise ConfigError([f"input.{k}: unknown request key" for k in unknown])
+    given = [k for k in ("user_id", "model_id", "run_id") if not is_empty(request.get(k))]
+    if given:
+        notes.append(f"not supported, ignored: request keys {', '.join('input.' + k for k in given)}")
+    creds = request.get("credentials") or {}
+    if any(not is_empty(v) for v in creds.values()):
+        notes.append(
+            "input.credentials are ignored and never saved: set HF_TOKEN or WANDB_API_KEY "
+            "in the environment instead"
+        )
+    return dict(request["args"])
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.0.c`` inside nested dicts and lists, creating what is missing."""
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        nxt: Any = value if last else ([] if parts[i + 1].isdigit() else {})
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) > len(node):
+                raise ConfigError([f"{dotted}: '{part}' is not a valid position in a list of {len(node)}"])
+            index = int(part)
+            if index == len(node):
+                node.append(nxt)
+            elif last:
+                node[index] = value
+            node = node[index]
+        elif isinstance(node, dict):
+            if last or not isinstance(node.get(part), (dict, list)):
+                node[part] = nxt
+            node = node[part]
+        else:
+            raise ConfigError([f"{dotted}: '{'.'.join(parts[:i])}' is a value, not a mapping"])
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """``key=value`` from ``--set``; the value is read as YAML (numbers, true, lists)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"--set {item}: expected key=value"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _rename_aliases(data: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    out = dict(data)
+    for alias, name in ALIASES.items():
+        if alias in out:
+            if name in out and out[name] != out[alias]:
+                problems.append(f"{alias}: same setting as {name}; give only one of them")
+            out.setdefault(name, out[alias])
+            out.pop(alias)
+    return out
+
+
+def _split_unsupported(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """Remove recognised-but-unsupported keys, naming each one in ``notes``."""
+    kept, set_keys, empty_keys = {}, [], []
+    for key, value in data.items():
+        if key in UNSUPPORTED:
+            (empty_keys if is_empty(value) else set_keys).append(f"{key}={json.dumps(value)}")
+        else:
+            kept[key] = value
+    datasets = kept.get("datasets")
+    if isinstance(datasets, list):
+        cleaned = []
+        for i, entry in enumerate(datasets):
+            if isinstance(entry, dict):
+                for key in sorted(set(entry) & UNSUPPORTED_DATASET_KEYS):
+                    value = entry[key]
+                    target = empty_keys if is_empty(value) else set_keys
+                    target.append(f"datasets.{i}.{key}={json.dumps(value)}")
+                entry = {k: v for k, v in entry.items() if k not in UNSUPPORTED_DATASET_KEYS}
+            cleaned.append(entry)
+        kept["datasets"] = cleaned
+    if set_keys:
+        notes.append("not supported yet, ignored: " + ", ".join(set_keys))
+    if empty_keys:
+        notes.append("not supported yet, left empty: " + ", ".join(k.split("=")[0] for k in empty_keys))
+    return kept
+
+
+_TYPE_TAGS = {"bool", "int", "float", "str", "list", "dict", "none", "function-after"}
+
+
+def _loc(parts: tuple[Any, ...]) -> str:
+    kept = [str(p) for p in parts if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))]
+    return ".".join(kept)
+
+
+def _did_you_mean(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _pydantic_problems(exc: ValidationError) -> list[str]:
+    grouped: dict[str, list[str]] = {}
+    for err in exc.errors():
+        loc = _loc(err["loc"])
+        if err["type"] == "extra_forbidden":
+            key = str(err["loc"][-1])
+            in_dataset = len(err["loc"]) > 1 and err["loc"][0] == "datasets"
+            choices = list(DatasetSource.model_fields) if in_dataset else [
+                *TuneConfig.model_fields, *ALIASES
+            ]
+            message = "unknown key" + _did_you_mean(key, choices)
+        else:
+            message = f"{err['msg']} (got {json.dumps(err.get('input'), default=str)})"
+        grouped.setdefault(loc, [])
+        if message not in grouped[loc]:
+            grouped[loc].append(message)
+    return [f"{loc}: {' or '.join(msgs)}" for loc, msgs in grouped.items()]
+
+
+def _location_problems(data: dict[str, Any], source_dir: Path | None) -> list[str]:
+    """Files and models the raw config names that cannot be found (checked before the schema,
+    so that they are reported together with every other problem)."""
+    problems = []
+    datasets = data.get("datasets")
+    for i, entry in enumerate(datasets if isinstance(datasets, list) else []):
+        path = entry.get("path") if isinstance(entry, dict) else None
+        problem = data_path_problem(path) if isinstance(path, str) else None
+        if problem:
+            if source_dir and not Path(path).is_absolute() and (source_dir / path).exists():
+                problem += (
+                    " (relative paths are read from the current directory;"
+                    f" did you mean '{source_dir / path}'?)"
+                )
+            problems.append(f"datasets.{i}.path: {problem}")
+    base_model = data.get("base_model")
+    problem = model_problem(base_model) if isinstance(base_model, str) else None
+    if problem:
+        problems.append(f"base_model: {problem}")
+    return problems
+
+
+def _cross_checks(config: TuneConfig) -> tuple[list[str], list[str]]:
+    """Rules between fields: (problems, notes)."""
+    problems: list[str] = []
+    notes: list[str] = []
+    if not config.datasets:
+        problems.append("datasets: no training data; give --data FILE or a datasets list")
+    if config.bf16 is True and config.fp16:
+        problems.append("fp16: cannot train in both bf16 and fp16; set one of them to false")
+    if config.warmup_steps is not None and config.warmup_ratio is not None:
+        problems.append("warmup_ratio: give warmup_steps or warmup_ratio, not both")
+    if config.lora_target_modules == []:
+        problems.append("lora_target_modules: empty list; leave it out to adapt all linear layers")
+    lora_keys = sorted(
+        k for k in config.model_fields_set if k.startswith("lora_") and config.adapter == "full"
+    )
+    if lora_keys:
+        notes.append(f"adapter is 'full', so these LoRA settings are not used: {', '.join(lora_keys)}")
+    return problems, notes
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+) -> LoadedConfig:
+    """Read ``path`` (optional), apply ``overrides`` then ``--set`` items, and validate.
+
+    ``overrides`` maps dotted keys to values (from named CLI flags); ``sets`` are
+    ``key=value`` strings. Both win over the file, ``sets`` last.
+    """
+    notes: list[str] = []
+    problems: list[str] = []
+    data = unwrap_request(read_config_file(path), notes) if path else {}
+    data = _rename_aliases(data, problems)
+    pairs = list((overrides or {}).items()) + [parse_set(s) for s in sets or []]
+    for key, value in pairs:
+        head, _, rest = key.partition(".")
+        key = ALIASES.get(head, head) + (f".{rest}" if rest else "")
+        set_dotted(data, key, value)
+    data = _split_unsupported(data, notes)
+    source = str(path) if path else None
+    problems += _location_problems(data, Path(path).parent if path else None)
+    try:
+        config = TuneConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(problems + _pydantic_problems(exc), source) from None
+    more, cross_notes = _cross_checks(config)
+    if problems or more:
+        raise ConfigError(problems + more, source)
+    return LoadedConfig(config, notes + cross_notes, source)
+
+
+def resolved_dict(config: TuneConfig) -> dict[str, Any]:
+    """The whole config with every default filled in, as plain data."""
+    return config.model_dump(mode="json")

@@ -1,0 +1,91 @@
+"""What a ``base_model`` or dataset ``path`` string points at, decided without loading it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from tunelab.config.schema import BUILTIN_MODEL
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+DATA_SUFFIXES = (".json", ".jsonl")
+
+
+def _looks_like_path(text: str) -> bool:
+    return (
+        text.startswith(("/", "./", "../", "~", "."))
+        or "\\" in text
+        or text.count("/") > 1
+        or Path(text).suffix.lower() in (*DATA_SUFFIXES, ".gguf", ".csv", ".parquet", ".txt")
+    )
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a base model comes from."""
+
+    kind: Literal["builtin", "hf_dir", "gguf", "hub"]
+    location: str
+
+    def describe(self) -> str:
+        return {
+            "builtin": f"built-in {BUILTIN_MODEL}",
+            "hf_dir": f"model directory {self.location}",
+            "gguf": f"GGUF file {self.location}",
+            "hub": f"hub model {self.location}",
+        }[self.kind]
+
+
+def model_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a base model, or None if it can."""
+    if name.strip().lower() == BUILTIN_MODEL.lower():
+        return None
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return None
+        if (path / "adapter_config.json").is_file():
+            return (
+                f"'{name}' is a LoRA adapter, not a base model; give the model it was trained "
+                "from (its adapter_config.json names it)"
+            )
+        return f"'{name}' is a directory but not a model: it has no config.json"
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return None
+        return f"'{name}' is a file but not a model: expected a model directory or a .gguf file"
+    if _looks_like_path(name):
+        return f"'{name}': no such file or directory"
+    if not _HUB_ID.match(name):
+        return f"'{name}' is neither a local path nor a hub id like 'org/name'"
+    return None
+
+
+def resolve_model(name: str) -> ModelRef:
+    """Classify a checked ``base_model`` string."""
+    if name.strip().lower() == BUILTIN_MODEL.lower():
+        return ModelRef("builtin", BUILTIN_MODEL)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return ModelRef("hf_dir", str(path.resolve()))
+    if path.is_file():
+        return ModelRef("gguf", str(path.resolve()))
+    return ModelRef("hub", name)
+
+
+def data_path_problem(path: str) -> str | None:
+    """Why a dataset ``path`` cannot be read, or None (a hub id is checked when loaded)."""
+    p = Path(path).expanduser()
+    if p.exists():
+        if p.is_dir():
+            return f"'{path}' is a directory; give a data file (.json or .jsonl)"
+        if p.suffix.lower() not in DATA_SUFFIXES:
+            return f"'{path}': unsupported file type '{p.suffix}'; use .json or .jsonl"
+        return None
+    if _looks_like_path(path):
+        return f"'{path}': no such file"
+    if not _HUB_ID.match(path):
+        return f"'{path}' is neither a local file nor a hub dataset id like 'org/name'"
+    return None

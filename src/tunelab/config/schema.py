@@ -1,0 +1,177 @@
+"""The one typed configuration of a training run.
+
+Key names follow axolotl's schema wherever it has one, so axolotl YAML files and
+RunPod-style JSON requests load as they are. The model is built from a few small
+sections; the keys stay flat, as in axolotl. Every field has a one-line description:
+it is the help text of the CLI, the API schema and the web form alike.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+BUILTIN_MODEL = "SmolLM2-135M-Instruct"
+
+DatasetType = Literal["auto", "alpaca"]
+AdapterType = Literal["lora", "qlora", "full"]
+SchedulerType = Literal["constant", "linear", "cosine", "constant_with_warmup", "cosine_with_min_lr"]
+OptimizerType = Literal[
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adafactor",
+    "sgd",
+    "adamw_bnb_8bit",
+    "paged_adamw_8bit",
+    "lion_8bit",
+]
+# Other projects' names for the same optimizers.
+OPTIMIZER_SYNONYMS = {"adamw_8bit": "adamw_bnb_8bit", "adamw_hf": "adamw_torch"}
+BNB_OPTIMIZERS = frozenset({"adamw_bnb_8bit", "paged_adamw_8bit", "lion_8bit"})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+
+class DatasetSource(_Strict):
+    """One entry of ``datasets``: where rows come from and how to read them."""
+
+    path: str = Field(description="Local file (.json/.jsonl) or a hub dataset id.")
+    type: DatasetType = Field("auto", description="Row format; 'auto' detects it from the columns.")
+    split: str = Field("train", description="Split to read from a hub dataset.")
+
+
+class ModelSection(_Strict):
+    base_model: str = Field(
+        BUILTIN_MODEL,
+        description="Model to fine-tune: a local model directory, a .gguf file, a hub id, "
+        f"or '{BUILTIN_MODEL}' (the built-in default).",
+    )
+
+
+class AdapterSection(_Strict):
+    adapter: AdapterType = Field(
+        "lora", description="'lora', 'qlora' (4-bit base, needs a CUDA GPU) or 'full' fine-tuning."
+    )
+    lora_r: int = Field(8, ge=1, le=4096, description="LoRA rank.")
+    lora_alpha: int | None = Field(
+        None, ge=1, description="LoRA scaling numerator; default twice lora_r."
+    )
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    lora_target_modules: list[str] | None = Field(
+        None, description="Module names to adapt, e.g. [q_proj, v_proj]; default all linear layers."
+    )
+    lora_target_linear: bool | None = Field(
+        None, description="Adapt every linear layer except the output head."
+    )
+
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _no_adapter_means_full(cls, value: object) -> object:
+        return "full" if value in (None, "", "none") else value
+
+
+class DataSection(_Strict):
+    datasets: list[DatasetSource] = Field(
+        default_factory=list, description="Training data: a list of {path, type}."
+    )
+    sequence_len: int = Field(2048, ge=8, description="Longest sample in tokens; longer are cut.")
+    train_on_inputs: bool = Field(
+        False, description="Also compute the loss on prompt tokens, not only on responses."
+    )
+    val_set_size: float = Field(
+        0.1, ge=0.0, description="Held-out share for validation (0-1) or a row count (>= 1)."
+    )
+
+    @field_validator("val_set_size")
+    @classmethod
+    def _fraction_or_count(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError("must be a fraction below 1 or a whole number of rows")
+        return value
+
+
+class TrainingSection(_Strict):
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Samples per step on each device; default chosen for the hardware."
+    )
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps summed per update.")
+    num_epochs: float = Field(3.0, gt=0, description="Passes over the training data.")
+    max_steps: int | None = Field(
+        None, description="Stop after this many updates (overrides num_epochs); -1 for none."
+    )
+    learning_rate: float | None = Field(
+        None, gt=0, description="Peak learning rate; default 2e-4 for LoRA, 2e-5 for full."
+    )
+    lr_scheduler: SchedulerType = Field("cosine", description="Learning-rate schedule.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warm-up updates.")
+    warmup_ratio: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Warm-up as a share of all updates (default 0.03)."
+    )
+    optimizer: OptimizerType = Field("adamw_torch", description="Optimizer.")
+    weight_decay: float = Field(0.0, ge=0.0, description="Weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0: none).")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Evaluate every N updates; default once per epoch."
+    )
+    save_steps: int | None = Field(
+        None, ge=1, description="Save a checkpoint every N updates; default none until the end."
+    )
+    logging_steps: int | None = Field(
+        None, ge=1, description="Log every N updates; default about 50 logs per run."
+    )
+    seed: int = Field(42, description="Random seed for data order, splits and initialisation.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="Trade compute for memory; 'auto' turns it on only when memory needs it."
+    )
+    bf16: bool | Literal["auto"] = Field(
+        "auto", description="Train in bfloat16; 'auto' uses it where the GPU supports it."
+    )
+    fp16: bool = Field(False, description="Train in float16 mixed precision (GPU only).")
+    tf32: bool = Field(False, description="Allow TF32 matmuls (NVIDIA Ampere or newer).")
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer_synonyms(cls, value: object) -> object:
+        return OPTIMIZER_SYNONYMS.get(value, value) if isinstance(value, str) else value
+
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps(cls, value: int | None) -> int | None:
+        if value is not None and (value == 0 or value < -1):
+            raise ValueError("must be a positive number of steps, or -1 for no limit")
+        return None if value == -1 else value
+
+
+class OutputSection(_Strict):
+    output_dir: str | None = Field(
+        None, description="Run directory; default outputs/run-<date>-<time>."
+    )
+
+
+class TuneConfig(OutputSection, TrainingSection, DataSection, AdapterSection, ModelSection):
+    """A whole training run. Build it with :func:`tunelab.config.load_config`."""
+
+    @property
+    def lora_alpha_value(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_r
+
+    @property
+    def learning_rate_value(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 2e-5 if self.adapter == "full" else 2e-4
+
+    @property
+    def lora_targets(self) -> list[str] | str:
+        """What peft's ``target_modules`` gets: the names given, or all linear layers."""
+        if self.lora_target_modules and not self.lora_target_linear:
+            return list(self.lora_target_modules)
+        return "all-linear"
+
+
+def field_names(model: type[BaseModel]) -> list[str]:
+    """Every key a section accepts, for 'did you mean' suggestions."""
+    return list(model.model_fields)

@@ -1,0 +1,1 @@
+"""Data: rows -> messages -> tokens and labels. Needs a tokenizer, never a model."""

@@ -1,0 +1,62 @@
+"""Answer prompts with a base model or a trained run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tunelab.config.locations import resolve_model
+from tunelab.errors import TunelabError
+from tunelab.train.models import load_model, load_tokenizer, model_location
+from tunelab.train.rundir import RunLayout, read_json
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    max_new_tokens: int = 64,
+    system: str | None = None,
+) -> str:
+    """The model's greedy answer to ``prompt``, rendered with its chat template."""
+    import torch
+
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    ).to(model.device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    if was_training:
+        model.train()
+    new_tokens = output[0][inputs["input_ids"].shape[1] :]
+    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+def load_run(run_dir: str | Path) -> tuple[Any, Any]:
+    """The base model with a run's adapter applied (or its fully fine-tuned weights)."""
+    layout = RunLayout(Path(run_dir))
+    info = read_json(layout.info)
+    if layout.full_weights.exists():
+        ref = resolve_model(str(layout.root))
+        return load_model(str(layout.root), ref), load_tokenizer(str(layout.root), ref)
+    if not layout.adapter_config.exists():
+        raise TunelabError(
+            f"{run_dir}: no adapter here (adapter_config.json is missing)",
+            "give the output_dir of a finished `tunelab train` run",
+        )
+    from peft import PeftModel
+
+    ref = resolve_model(info.get("base_model") or read_json(layout.adapter_config)["base_model_name_or_path"])
+    location = model_location(ref)
+    base = load_model(location, ref)
+    tokenizer = load_tokenizer(str(layout.root), ref)
+    return PeftModel.from_pretrained(base, str(layout.root)), tokenizer

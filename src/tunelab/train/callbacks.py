@@ -1,0 +1,121 @@
+"""Trainer callbacks: throughput, the metrics file, the console progress bar.
+
+They are passed to the trainer in this order, so that the throughput figure added to
+each log reaches TensorBoard, the metrics file and the console alike.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+# Keys copied from the trainer's logs into metrics.jsonl, in this order.
+METRIC_KEYS = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second")
+
+
+class ThroughputCallback(TrainerCallback):
+    """Adds ``tokens_per_second`` (non-padding input tokens) to every training log."""
+
+    def __init__(self) -> None:
+        self._last: tuple[float, int] | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs or self._last is None:
+            return
+        now, seen = time.perf_counter(), state.num_input_tokens_seen
+        then, before = self._last
+        if now > then:
+            logs["tokens_per_second"] = round((seen - before) / (now - then), 1)
+        self._last = (now, seen)
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Appends one JSON object per logged step or evaluation to ``metrics.jsonl``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or not ("loss" in logs or "eval_loss" in logs):
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        record.update({k: logs[k] for k in METRIC_KEYS if k in logs})
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _fmt(value: float) -> str:
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.4f}" if abs(value) >= 1e-3 else f"{value:.2e}"
+
+
+class ConsoleProgressCallback(TrainerCallback):
+    """A progress bar with step/total, ETA, loss, learning rate and tokens per second.
+
+    On a terminal the bar redraws in place; otherwise (logs, CI) each log is one line.
+    ``echo`` receives every line for the run's log file.
+    """
+
+    def __init__(self, echo: Callable[[str], None], stream=None) -> None:
+        self.echo = echo
+        self.stream = stream or sys.stderr
+        self.bar: tqdm | None = None
+        self.interactive = self.stream.isatty()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = (time.perf_counter(), state.global_step)
+        self.bar = tqdm(
+            total=state.max_steps,
+            initial=state.global_step,
+            desc="training",
+            unit="step",
+            file=self.stream,
+            disable=not self.interactive,
+            dynamic_ncols=True,
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or self.bar is None:
+            return
+        if "loss" in logs:
+            parts = {"loss": _fmt(logs["loss"]), "lr": _fmt(logs.get("learning_rate", 0.0))}
+            if "tokens_per_second" in logs:
+                parts["tok/s"] = f"{logs['tokens_per_second']:.0f}"
+            self.bar.set_postfix(parts, refresh=True)
+            line = self._line(state, parts)
+        elif "eval_loss" in logs:
+            line = f"eval at step {state.global_step}: eval_loss {_fmt(logs['eval_loss'])}"
+            if self.interactive:
+                self.bar.write(line, file=self.stream)
+        else:
+            return
+        if not self.interactive:
+            print(line, file=self.stream, flush=True)
+        self.echo(line)
+
+    def _line(self, state, parts: dict[str, str]) -> str:
+        started, first_step = self._start
+        done = max(state.global_step - first_step, 1)
+        left = (state.max_steps - state.global_step) * (time.perf_counter() - started) / done
+        eta = time.strftime("%H:%M:%S", time.gmtime(left))
+        fields = " ".join(f"{k} {v}" for k, v in parts.items())
+        return f"step {state.global_step}/{state.max_steps} {fields} eta {eta}"
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()

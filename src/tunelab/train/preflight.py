@@ -1,0 +1,92 @@
+"""Hardware checks at run start, and the settings chosen for the machine at hand.
+
+The schema says what a config may contain; this says whether it can run here. Every
+problem is reported at once, each with its way out.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Literal
+
+from tunelab.config.schema import BNB_OPTIMIZERS, TuneConfig
+from tunelab.errors import PreflightError
+
+
+@dataclass(frozen=True)
+class Hardware:
+    device: Literal["cuda", "cpu"]
+    bf16: bool
+    name: str
+    memory_gb: float | None  # accelerator memory
+
+
+def detect_hardware() -> Hardware:
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return Hardware("cuda", torch.cuda.is_bf16_supported(), props.name, props.total_memory / 2**30)
+    return Hardware("cpu", False, "CPU", None)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Settings that depend on the machine: where each came from is in ``reasons``."""
+
+    hardware: Hardware
+    precision: Literal["bf16", "fp16", "fp32"]
+    micro_batch_size: int
+    gradient_checkpointing: bool
+    reasons: tuple[str, ...]
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def preflight(config: TuneConfig, hw: Hardware) -> Plan:
+    """Check ``config`` against ``hw`` and choose precision, batch size and checkpointing."""
+    problems: list[str] = []
+    gpu = hw.device == "cuda"
+    needs_bnb = config.adapter == "qlora" or config.optimizer in BNB_OPTIMIZERS
+    what = "adapter: qlora" if config.adapter == "qlora" else f"optimizer: {config.optimizer}"
+    if needs_bnb and not gpu:
+        problems.append(
+            f"{what} needs a CUDA GPU with bitsandbytes; this machine has none "
+            "(use adapter: lora and optimizer: adamw_torch here)"
+        )
+    elif needs_bnb and not _has("bitsandbytes"):
+        problems.append(f"{what} needs bitsandbytes: pip install 'tunelab[gpu]'")
+    if config.fp16 and not gpu:
+        problems.append("fp16: float16 training needs a CUDA GPU; set fp16: false")
+    if config.bf16 is True and not hw.bf16:
+        problems.append("bf16: this machine has no bfloat16 GPU support; use bf16: auto")
+    if config.tf32 and not gpu:
+        problems.append("tf32: TF32 needs an NVIDIA GPU (Ampere or newer); set tf32: false")
+    if problems:
+        raise PreflightError(
+            "this configuration cannot run on this machine:\n  - " + "\n  - ".join(problems)
+        )
+
+    reasons = []
+    if config.fp16:
+        precision = "fp16"
+    elif config.bf16 is True or (config.bf16 == "auto" and hw.bf16):
+        precision = "bf16"
+        reasons.append("precision bf16: supported by " + hw.name if config.bf16 == "auto" else "")
+    else:
+        precision = "fp32"
+        reasons.append(f"precision fp32: no bfloat16 on {hw.name}")
+    batch = config.micro_batch_size or (8 if gpu else 4)
+    if config.micro_batch_size is None:
+        reasons.append(f"micro_batch_size {batch}: default for {hw.device}")
+    if config.gradient_checkpointing == "auto":
+        # Activation memory only matters on an accelerator; on CPU recomputing costs a
+        # third of the throughput for memory that is rarely short.
+        checkpointing = gpu and (config.adapter == "qlora" or config.sequence_len * batch > 32768)
+        reasons.append(f"gradient_checkpointing {'on' if checkpointing else 'off'}: auto")
+    else:
+        checkpointing = config.gradient_checkpointing
+    return Plan(hw, precision, batch, checkpointing, tuple(r for r in reasons if r))

@@ -1,0 +1,230 @@
+"""A training run, top to bottom.
+
+prepare data -> load model -> build adapter -> build trainer -> train -> save artifacts.
+Every check on the user's input (config, data rows, model, output directory) happens
+before the run directory is touched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunelab.config import LoadedConfig, TuneConfig, resolved_dict
+from tunelab.config.locations import resolve_model
+from tunelab.data.prepare import PreparedData, SourceReport, load_examples, prepare_data
+from tunelab.train import artifacts
+from tunelab.train.models import load_model, load_tokenizer, model_location
+from tunelab.train.preflight import Plan, detect_hardware, preflight
+from tunelab.train.rundir import RunDir, RunLayout, check_output_dir, move_into, write_atomic, write_json
+from tunelab.train.trainer import (
+    build_adapter,
+    build_trainer,
+    count_parameters,
+    quantization,
+    torch_dtype,
+    total_steps,
+    training_arguments,
+)
+
+
+class RunLog:
+    """Prints a line and keeps it for the run's ``train.log`` (once the run dir exists)."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.lines: list[str] = []
+        self.path: Path | None = None
+
+    def __call__(self, line: str) -> None:
+        if not self.quiet:
+            print(line, flush=True)
+        self.write(line)
+
+    def write(self, line: str) -> None:
+        """Keep ``line`` for the log file without printing it."""
+        if self.path is None:
+            self.lines.append(line)
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def attach(self, path: Path) -> None:
+        self.path = path
+        path.write_text("".join(line + "\n" for line in self.lines), encoding="utf-8")
+
+
+@dataclass
+class Sample:
+    prompt: str
+    before: str
+    after: str = ""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    losses: dict[str, Any]
+    duration_s: float
+    samples: list[Sample] = field(default_factory=list)
+
+
+def default_output_dir() -> Path:
+    return Path("outputs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _describe_data(log: RunLog, sources: Sequence[SourceReport], data: PreparedData) -> None:
+    for s in sources:
+        log(f"data: {s.path} ({s.format}, {s.rows} rows)")
+    st = data.stats
+    log(
+        f"data: {st['train_samples']} training / {st['eval_samples']} validation samples, "
+        f"{st['trained_tokens']} of {st['train_tokens']} tokens trained, longest {st['max_length']}"
+        + (f", {st['truncated']} truncated" if st["truncated"] else "")
+        + (f", {st['dropped']} dropped (nothing left to train after the cut)" if st["dropped"] else "")
+    )
+
+
+def _save_weights(model: Any, tokenizer: Any, layout: RunLayout) -> None:
+    """Adapter (or full model) and tokenizer, moved into the run dir file by file."""
+    staging = layout.root / ".weights-staging"
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    move_into(staging, layout.root)
+
+
+def _info(config: TuneConfig, plan: Plan, data: PreparedData, model: Any, **extra: Any) -> dict:
+    trainable, total = count_parameters(model)
+    return {
+        "base_model": config.base_model,
+        "adapter": config.adapter,
+        "datasets": [s.__dict__ for s in data.sources],
+        "data": data.stats,
+        "config": resolved_dict(config),
+        "effective": {
+            "learning_rate": config.learning_rate_value,
+            "lora_alpha": config.lora_alpha_value if config.adapter != "full" else None,
+            "lora_target_modules": config.lora_targets if config.adapter != "full" else None,
+            "micro_batch_size": plan.micro_batch_size,
+            "precision": plan.precision,
+            "gradient_checkpointing": plan.gradient_checkpointing,
+            "device": plan.hardware.name,
+        },
+        "parameters": {"trainable": trainable, "total": total},
+        "versions": artifacts.library_versions(),
+        **extra,
+    }
+
+
+def train(
+    loaded: LoadedConfig,
+    overwrite: bool = False,
+    sample_prompts: Sequence[str] = (),
+    quiet: bool = False,
+) -> RunResult:
+    """Run a whole training job; raises a :class:`~tunelab.errors.TunelabError` on bad input."""
+    from transformers import set_seed
+    from transformers.integrations import TensorBoardCallback
+
+    from tunelab.infer.generate import generate
+    from tunelab.train.callbacks import (
+        ConsoleProgressCallback,
+        MetricsFileCallback,
+        ThroughputCallback,
+    )
+
+    log = RunLog(quiet)
+    given = loaded.config.output_dir
+    output_dir = Path(given) if given else default_output_dir()
+    config = loaded.config.model_copy(update={"output_dir": str(output_dir)})
+    for note in loaded.notes:
+        log(f"note: {note}")
+    check_output_dir(output_dir, overwrite)
+    plan = preflight(config, detect_hardware())
+    examples, sources = load_examples(config)
+
+    ref = resolve_model(config.base_model)
+    log(f"model: {ref.describe()}")
+    location = model_location(ref, log)
+    tokenizer = load_tokenizer(location, ref)
+    data = prepare_data(config, tokenizer, (examples, sources))
+    _describe_data(log, sources, data)
+    model = load_model(location, ref, torch_dtype(plan, config), quantization(config, plan))
+    samples = [Sample(p, generate(model, tokenizer, p)) for p in sample_prompts]
+
+    set_seed(config.seed)
+    model = build_adapter(model, config, plan)
+    steps = total_steps(config, plan, len(data.train))
+    trainable, total = count_parameters(model)
+    log(
+        f"plan: {config.adapter} on {plan.hardware.name}, {plan.precision}, {steps} steps, "
+        f"batch {plan.micro_batch_size}x{config.gradient_accumulation_steps}, "
+        f"lr {config.learning_rate_value:g}, {trainable:,} of {total:,} parameters trained"
+    )
+
+    run = RunDir.create(output_dir, overwrite)
+    layout = run.layout
+    log.attach(layout.log)
+    write_atomic(layout.config, yaml.safe_dump(resolved_dict(config), sort_keys=False))
+    started, clock = _now(), time.perf_counter()
+    write_json(layout.status, {"state": "running", "started": started, "total_steps": steps})
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(layout.tensorboard))
+    callbacks = [
+        ThroughputCallback(),
+        TensorBoardCallback(tb_writer=writer),
+        MetricsFileCallback(layout.metrics),
+        ConsoleProgressCallback(log.write),
+    ]
+    args = training_arguments(config, plan, layout, steps, has_eval=bool(data.eval))
+    trainer = build_trainer(model, tokenizer, args, data.train, data.eval, callbacks)
+    try:
+        result = trainer.train()
+        if data.eval and args.eval_strategy == "steps" and result.global_step % args.eval_steps:
+            trainer.evaluate()  # the validation loss of the weights being saved
+        _save_weights(trainer.model, tokenizer, layout)
+        records = artifacts.read_metrics(layout.metrics)
+        losses = artifacts.loss_summary(records)
+        artifacts.plot_history(records, layout.plot)
+        duration = time.perf_counter() - clock
+        info = _info(
+            config, plan, data, trainer.model,
+            steps=result.global_step, epochs=round(trainer.state.epoch or 0, 4),
+            losses=losses, duration_s=round(duration, 1), started=started, finished=_now(),
+            tokens_seen=trainer.state.num_input_tokens_seen,
+        )  # fmt: skip
+        write_json(layout.info, info)
+        write_json(
+            layout.status,
+            {"state": "completed", "started": started, "finished": _now(), "steps": result.global_step},
+        )
+    except BaseException as exc:
+        state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        write_json(layout.status, {"state": state, "started": started, "error": repr(exc)})
+        run.abandon()
+        raise
+    finally:
+        writer.close()
+    layout = run.finish()
+    for sample in samples:
+        sample.after = generate(trainer.model, tokenizer, sample.prompt)
+    log(
+        f"done: {result.global_step} steps in {duration:.0f}s, final loss "
+        f"{losses.get('final_loss', float('nan')):.4f}"
+        + (f", best validation loss {losses['best_eval_loss']:.4f}" if "best_eval_loss" in losses else "")
+    )
+    log.path = layout.log
+    log(f"saved: {layout.root}")
+    return RunResult(layout.root, result.global_step, losses, duration, samples)

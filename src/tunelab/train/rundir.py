@@ -1,0 +1,176 @@
+"""The run directory: one layout, defined here and nowhere else.
+
+::
+
+    <output_dir>/
+      config.yaml                 resolved config (loads again with `tunelab train`)
+      status.json                 state: running | completed | failed | interrupted
+      train.log                   what the console showed, as text
+      metrics.jsonl               one JSON object per logged step or evaluation
+      adapter_config.json         the LoRA adapter (peft.PeftModel.from_pretrained)
+      adapter_model.safetensors
+      model.safetensors, config.json   instead of the adapter, after full fine-tuning
+      tokenizer.json, tokenizer_config.json, chat_template.jinja
+      adapter_info.json           base model, data files and hashes, steps, losses, versions
+      training_history.png        loss curves
+      logs/                       TensorBoard event files
+      checkpoints/checkpoint-N/   intermediate checkpoints (with save_steps)
+
+Files that must never be half-written are written beside their place, synced, and
+renamed into it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import RunDirError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def status(self) -> Path:
+        return self.root / "status.json"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "train.log"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def adapter_config(self) -> Path:
+        return self.root / "adapter_config.json"
+
+    @property
+    def adapter_weights(self) -> Path:
+        return self.root / "adapter_model.safetensors"
+
+    @property
+    def full_weights(self) -> Path:
+        return self.root / "model.safetensors"
+
+    @property
+    def info(self) -> Path:
+        return self.root / "adapter_info.json"
+
+    @property
+    def plot(self) -> Path:
+        return self.root / "training_history.png"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def is_finished(self) -> bool:
+        return read_json(self.status).get("state") == "completed" or self.adapter_weights.exists()
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``data`` beside ``path``, sync it and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; these are ordinary files
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def move_into(staging: Path, root: Path) -> None:
+    """Move every file of ``staging`` into ``root`` (each an atomic rename), then drop it."""
+    for item in staging.iterdir():
+        os.replace(item, root / item.name)
+    staging.rmdir()
+
+
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse, before any work, to train into a directory that holds another run."""
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise RunDirError(f"{output_dir}: exists and is not a directory", "choose another --output")
+    if not any(output_dir.iterdir()) or overwrite:
+        return
+    layout = RunLayout(output_dir)
+    what = "a finished adapter" if layout.is_finished() else "files of another run"
+    raise RunDirError(
+        f"{output_dir} already holds {what}; nothing was changed",
+        "pass --overwrite to replace it, or choose another --output",
+    )
+
+
+@dataclass
+class RunDir:
+    """Where a run writes (``layout``) and where it ends up (``final``).
+
+    A run into a new or empty directory writes there directly. A run that replaces an
+    existing one writes into a hidden sibling and swaps it in only when it has finished,
+    so a failed run never leaves the old one half-overwritten.
+    """
+
+    layout: RunLayout
+    final: Path
+
+    @classmethod
+    def create(cls, output_dir: Path, overwrite: bool) -> RunDir:
+        check_output_dir(output_dir, overwrite)
+        output_dir = output_dir.resolve()
+        if output_dir.exists() and any(output_dir.iterdir()):
+            staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.new-", dir=output_dir.parent))
+            return cls(RunLayout(staging), output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        return cls(RunLayout(output_dir), output_dir)
+
+    def finish(self) -> RunLayout:
+        """Put a finished run in its final place; returns the final layout."""
+        if self.layout.root != self.final:
+            old = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.old-", dir=self.final.parent))
+            os.replace(self.final, old / "run")
+            os.replace(self.layout.root, self.final)
+            shutil.rmtree(old, ignore_errors=True)
+        return RunLayout(self.final)
+
+    def abandon(self) -> None:
+        """After a failure: drop a staging directory (the old run stays as it was)."""
+        if self.layout.root != self.final:
+            shutil.rmtree(self.layout.root, ignore_errors=True)

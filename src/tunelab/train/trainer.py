@@ -1,0 +1,140 @@
+"""Build the pieces transformers and peft train with: the adapter and the Trainer."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tunelab.config.schema import TuneConfig
+from tunelab.train.preflight import Plan
+from tunelab.train.rundir import RunLayout
+
+
+def torch_dtype(plan: Plan, config: TuneConfig) -> Any:
+    """Weights dtype to load the base in: half precision only under a frozen LoRA base."""
+    import torch
+
+    if config.adapter != "full" and plan.precision == "bf16":
+        return torch.bfloat16
+    return torch.float32
+
+
+def quantization(config: TuneConfig, plan: Plan) -> Any:
+    """4-bit NF4 settings for QLoRA, else None."""
+    if config.adapter != "qlora":
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if plan.precision == "bf16" else torch.float16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def build_adapter(model: Any, config: TuneConfig, plan: Plan) -> Any:
+    """Wrap ``model`` with a LoRA adapter (or leave it whole for full fine-tuning)."""
+    if config.adapter == "full":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if config.adapter == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=plan.gradient_checkpointing
+        )
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha_value,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def total_steps(config: TuneConfig, plan: Plan, n_train: int) -> int:
+    """Optimizer updates the run will make (as the Trainer counts them)."""
+    if config.max_steps:
+        return config.max_steps
+    batches = math.ceil(n_train / plan.micro_batch_size)
+    per_epoch = max(math.ceil(batches / config.gradient_accumulation_steps), 1)
+    return math.ceil(config.num_epochs * per_epoch)
+
+
+def training_arguments(
+    config: TuneConfig, plan: Plan, layout: RunLayout, steps: int, has_eval: bool
+) -> Any:
+    from transformers import TrainingArguments
+
+    if config.warmup_steps is not None:
+        warmup: float = config.warmup_steps
+    else:
+        warmup = config.warmup_ratio if config.warmup_ratio is not None else 0.03
+    logging_steps = config.logging_steps or max(1, steps // 50)
+    eval_strategy = "no"
+    if has_eval:
+        eval_strategy = "steps" if config.eval_steps else "epoch"
+    return TrainingArguments(
+        output_dir=str(layout.checkpoints),
+        per_device_train_batch_size=plan.micro_batch_size,
+        per_device_eval_batch_size=plan.micro_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps or -1,
+        learning_rate=config.learning_rate_value,
+        lr_scheduler_type=config.lr_scheduler,
+        lr_scheduler_kwargs={"min_lr_rate": 0.1} if config.lr_scheduler == "cosine_with_min_lr" else None,
+        warmup_steps=warmup,
+        optim=config.optimizer,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        eval_strategy=eval_strategy,
+        eval_steps=config.eval_steps,
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        logging_steps=logging_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=plan.precision == "bf16",
+        fp16=plan.precision == "fp16",
+        tf32=config.tf32 or None,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
+        use_cpu=plan.hardware.device == "cpu",
+        include_num_input_tokens_seen="non_padding",
+        prediction_loss_only=True,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def build_trainer(
+    model: Any, tokenizer: Any, args: Any, train: list, evaluation: list, callbacks: list
+) -> Any:
+    """A transformers Trainer whose only console output is tunelab's own callbacks."""
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, ProgressCallback, Trainer
+
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train),
+        eval_dataset=Dataset.from_list(evaluation) if evaluation else None,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    for default in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(default)
+    return trainer
