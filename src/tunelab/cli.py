@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("train", "validate"):
             _add_config_options(p)
         if name == "train":
-            p.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
+            p.add_argument(
+                "--overwrite", action="store_true", help="replace a finished run in --output"
+            )
             p.add_argument(
                 "--sample", action="append", metavar="PROMPT",
                 help="print the model's answer to PROMPT before and after training; repeatable",

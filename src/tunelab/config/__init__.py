@@ -3,4 +3,11 @@
 from tunelab.config.load import LoadedConfig, load_config, resolved_dict
 from tunelab.config.schema import BUILTIN_MODEL, DatasetSource, TuneConfig
 
-__all__ = ["BUILTIN_MODEL", "DatasetSource", "LoadedConfig", "TuneConfig", "load_config", "resolved_dict"]
+__all__ = [
+    "BUILTIN_MODEL",
+    "DatasetSource",
+    "LoadedConfig",
+    "TuneConfig",
+    "load_config",
+    "resolved_dict",
+]

@@ -71,7 +71,9 @@ def unwrap_request(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
         raise ConfigError([f"input.{k}: unknown request key" for k in unknown])
     given = [k for k in ("user_id", "model_id", "run_id") if not is_empty(request.get(k))]
     if given:
-        notes.append(f"not supported, ignored: request keys {', '.join('input.' + k for k in given)}")
+        notes.append(
+            f"not supported, ignored: request keys {', '.join('input.' + k for k in given)}"
+        )
     creds = request.get("credentials") or {}
     if any(not is_empty(v) for v in creds.values()):
         notes.append(
@@ -90,7 +92,9 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
         nxt: Any = value if last else ([] if parts[i + 1].isdigit() else {})
         if isinstance(node, list):
             if not part.isdigit() or int(part) > len(node):
-                raise ConfigError([f"{dotted}: '{part}' is not a valid position in a list of {len(node)}"])
+                raise ConfigError(
+                    [f"{dotted}: '{part}' is not a valid position in a list of {len(node)}"]
+                )
             index = int(part)
             if index == len(node):
                 node.append(nxt)
@@ -151,7 +155,9 @@ def _split_unsupported(data: dict[str, Any], notes: list[str]) -> dict[str, Any]
     if set_keys:
         notes.append("not supported yet, ignored: " + ", ".join(set_keys))
     if empty_keys:
-        notes.append("not supported yet, left empty: " + ", ".join(k.split("=")[0] for k in empty_keys))
+        notes.append(
+            "not supported yet, left empty: " + ", ".join(k.split("=")[0] for k in empty_keys)
+        )
     return kept
 
 
@@ -175,9 +181,11 @@ def _pydantic_problems(exc: ValidationError) -> list[str]:
         if err["type"] == "extra_forbidden":
             key = str(err["loc"][-1])
             in_dataset = len(err["loc"]) > 1 and err["loc"][0] == "datasets"
-            choices = list(DatasetSource.model_fields) if in_dataset else [
-                *TuneConfig.model_fields, *ALIASES
-            ]
+            choices = (
+                list(DatasetSource.model_fields)
+                if in_dataset
+                else [*TuneConfig.model_fields, *ALIASES]
+            )
             message = "unknown key" + _did_you_mean(key, choices)
         else:
             message = f"{err['msg']} (got {json.dumps(err.get('input'), default=str)})"
@@ -225,7 +233,9 @@ def _cross_checks(config: TuneConfig) -> tuple[list[str], list[str]]:
         k for k in config.model_fields_set if k.startswith("lora_") and config.adapter == "full"
     )
     if lora_keys:
-        notes.append(f"adapter is 'full', so these LoRA settings are not used: {', '.join(lora_keys)}")
+        notes.append(
+            f"adapter is 'full', so these LoRA settings are not used: {', '.join(lora_keys)}"
+        )
     return problems, notes
 
 

@@ -16,7 +16,9 @@ BUILTIN_MODEL = "SmolLM2-135M-Instruct"
 
 DatasetType = Literal["auto", "alpaca"]
 AdapterType = Literal["lora", "qlora", "full"]
-SchedulerType = Literal["constant", "linear", "cosine", "constant_with_warmup", "cosine_with_min_lr"]
+SchedulerType = Literal[
+    "constant", "linear", "cosine", "constant_with_warmup", "cosine_with_min_lr"
+]
 OptimizerType = Literal[
     "adamw_torch",
     "adamw_torch_fused",
@@ -124,7 +126,8 @@ class TrainingSection(_Strict):
     )
     seed: int = Field(42, description="Random seed for data order, splits and initialisation.")
     gradient_checkpointing: bool | Literal["auto"] = Field(
-        "auto", description="Trade compute for memory; 'auto' turns it on only when memory needs it."
+        "auto",
+        description="Trade compute for memory; 'auto' turns it on only when memory needs it.",
     )
     bf16: bool | Literal["auto"] = Field(
         "auto", description="Train in bfloat16; 'auto' uses it where the GPU supports it."

@@ -53,10 +53,19 @@ def alpaca_to_messages(row: dict[str, Any]) -> list[Message]:
     if not isinstance(history, list):
         raise RowError("history", "must be a list of [instruction, response] pairs")
     for turn in history:
-        if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+        if not (
+            isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)
+        ):
             raise RowError("history", "must be a list of [instruction, response] pairs")
-        messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
-    prompt = f"{instruction}\n\n{extra}" if instruction.strip() and extra.strip() else instruction + extra
+        messages += [
+            {"role": "user", "content": turn[0]},
+            {"role": "assistant", "content": turn[1]},
+        ]
+    prompt = (
+        f"{instruction}\n\n{extra}"
+        if instruction.strip() and extra.strip()
+        else instruction + extra
+    )
     messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
     return messages
 

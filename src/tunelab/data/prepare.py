@@ -62,7 +62,8 @@ def _choose_format(source: DatasetSource, rows: list[Row], name: str) -> Format:
     if fmt is None:
         raise DataError(
             f"{name}: cannot tell the format from its columns {columns}",
-            f"this version reads: {describe_formats()}; rename the columns or set the dataset's type",
+            f"this version reads: {describe_formats()}; "
+            "rename the columns or set the dataset's type",
         )
     return fmt
 
@@ -82,8 +83,8 @@ def _convert(rows: list[Row], fmt: Format, name: str) -> list[Example]:
             for problem, count in failures.most_common()
         ]
         raise DataError(
-            f"{name}: {sum(failures.values())} of {len(rows)} rows cannot be read as {fmt.name}:\n  "
-            + "\n  ".join(lines),
+            f"{name}: {sum(failures.values())} of {len(rows)} rows "
+            f"cannot be read as {fmt.name}:\n  " + "\n  ".join(lines),
             f"every {fmt.name} row needs {', '.join(repr(c) for c in fmt.required)} as text",
         )
     return examples
@@ -155,7 +156,9 @@ def prepare_data(config: TuneConfig, tokenizer: Any, examples_and_sources=None) 
     train, train_counts = tokenize_examples(
         train_ex, tokenizer, config.sequence_len, config.train_on_inputs
     )
-    val, val_counts = tokenize_examples(val_ex, tokenizer, config.sequence_len, config.train_on_inputs)
+    val, val_counts = tokenize_examples(
+        val_ex, tokenizer, config.sequence_len, config.train_on_inputs
+    )
     if not train:
         raise DataError(
             f"nothing left to train on: all {len(train_ex)} training samples lost their response "

@@ -57,7 +57,9 @@ def _read_jsonl(path: Path, text: str) -> list[Row]:
                 "each line of a .jsonl file must be one complete JSON object",
             ) from None
         if not isinstance(item, dict):
-            raise DataError(f"{path}:{number}: line {number} is {type(item).__name__}, expected an object")
+            raise DataError(
+                f"{path}:{number}: line {number} is {type(item).__name__}, expected an object"
+            )
         rows.append(Row(item, f"line {number}"))
     return rows
 
@@ -67,12 +69,15 @@ def read_hub_rows(dataset_id: str, split: str) -> list[Row]:
     try:
         import datasets
     except ImportError as exc:  # pragma: no cover - a declared dependency
-        raise DataError("reading hub datasets needs the 'datasets' package", "pip install datasets") from exc
+        raise DataError(
+            "reading hub datasets needs the 'datasets' package", "pip install datasets"
+        ) from exc
     try:
         ds = datasets.load_dataset(dataset_id, split=split)
     except Exception as exc:  # the hub client raises many types; all mean "could not get it"
         raise DataError(
-            f"could not load hub dataset '{dataset_id}' (split '{split}'): {type(exc).__name__}: {exc}",
+            f"could not load hub dataset '{dataset_id}' (split '{split}'): "
+            f"{type(exc).__name__}: {exc}",
             "check the id and your network, or download it and give a local file",
         ) from None
     return [Row(dict(item), f"row {i}") for i, item in enumerate(ds, start=1)]

@@ -38,7 +38,9 @@ def _ends_with_special(text: str, tokenizer: Any) -> bool:
     return any(stripped.endswith(tok) for tok in tokenizer.all_special_tokens if tok)
 
 
-def render_segments(messages: list[Message], tokenizer: Any, train_on_inputs: bool) -> list[Segment]:
+def render_segments(
+    messages: list[Message], tokenizer: Any, train_on_inputs: bool
+) -> list[Segment]:
     """Split the rendered conversation into prompt and response segments.
 
     Every assistant turn is a trained segment that ends with the end-of-turn token (the

@@ -55,7 +55,9 @@ def load_run(run_dir: str | Path) -> tuple[Any, Any]:
         )
     from peft import PeftModel
 
-    ref = resolve_model(info.get("base_model") or read_json(layout.adapter_config)["base_model_name_or_path"])
+    ref = resolve_model(
+        info.get("base_model") or read_json(layout.adapter_config)["base_model_name_or_path"]
+    )
     location = model_location(ref)
     base = load_model(location, ref)
     tokenizer = load_tokenizer(str(layout.root), ref)

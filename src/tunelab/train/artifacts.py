@@ -52,10 +52,13 @@ def plot_history(records: list[dict[str, Any]], path: Path) -> None:
     from tunelab.train.rundir import write_atomic
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    for key, label, style in (("loss", "training loss", "-"), ("eval_loss", "validation loss", "o-")):
+    for key, label, style in (
+        ("loss", "training loss", "-"),
+        ("eval_loss", "validation loss", "o-"),
+    ):
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
-            ax.plot(*zip(*points), style, label=label)
+            ax.plot(*zip(*points, strict=True), style, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("tunelab training history")

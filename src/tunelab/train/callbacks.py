@@ -67,11 +67,12 @@ class ConsoleProgressCallback(TrainerCallback):
     ``echo`` receives every line for the run's log file.
     """
 
-    def __init__(self, echo: Callable[[str], None], stream=None) -> None:
+    def __init__(self, echo: Callable[[str], None], quiet: bool = False, stream=None) -> None:
         self.echo = echo
         self.stream = stream or sys.stderr
         self.bar: tqdm | None = None
-        self.interactive = self.stream.isatty()
+        self.quiet = quiet
+        self.interactive = self.stream.isatty() and not quiet
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._start = (time.perf_counter(), state.global_step)
@@ -104,7 +105,7 @@ class ConsoleProgressCallback(TrainerCallback):
                 self.bar.write(line, file=self.stream)
         else:
             return
-        if not self.interactive:
+        if not self.interactive and not self.quiet:
             print(line, file=self.stream, flush=True)
         self.echo(line)
 

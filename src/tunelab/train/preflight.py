@@ -27,7 +27,9 @@ def detect_hardware() -> Hardware:
 
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        return Hardware("cuda", torch.cuda.is_bf16_supported(), props.name, props.total_memory / 2**30)
+        return Hardware(
+            "cuda", torch.cuda.is_bf16_supported(), props.name, props.total_memory / 2**30
+        )
     return Hardware("cpu", False, "CPU", None)
 
 

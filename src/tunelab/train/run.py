@@ -22,7 +22,14 @@ from tunelab.data.prepare import PreparedData, SourceReport, load_examples, prep
 from tunelab.train import artifacts
 from tunelab.train.models import load_model, load_tokenizer, model_location
 from tunelab.train.preflight import Plan, detect_hardware, preflight
-from tunelab.train.rundir import RunDir, RunLayout, check_output_dir, move_into, write_atomic, write_json
+from tunelab.train.rundir import (
+    RunDir,
+    RunLayout,
+    check_output_dir,
+    move_into,
+    write_atomic,
+    write_json,
+)
 from tunelab.train.trainer import (
     build_adapter,
     build_trainer,
@@ -74,6 +81,8 @@ class RunResult:
     losses: dict[str, Any]
     duration_s: float
     samples: list[Sample] = field(default_factory=list)
+    model: Any = field(default=None, repr=False)  # the trained model, still in memory
+    tokenizer: Any = field(default=None, repr=False)
 
 
 def default_output_dir() -> Path:
@@ -92,7 +101,11 @@ def _describe_data(log: RunLog, sources: Sequence[SourceReport], data: PreparedD
         f"data: {st['train_samples']} training / {st['eval_samples']} validation samples, "
         f"{st['trained_tokens']} of {st['train_tokens']} tokens trained, longest {st['max_length']}"
         + (f", {st['truncated']} truncated" if st["truncated"] else "")
-        + (f", {st['dropped']} dropped (nothing left to train after the cut)" if st["dropped"] else "")
+        + (
+            f", {st['dropped']} dropped (nothing left to train after the cut)"
+            if st["dropped"]
+            else ""
+        )
     )
 
 
@@ -186,7 +199,7 @@ def train(
         ThroughputCallback(),
         TensorBoardCallback(tb_writer=writer),
         MetricsFileCallback(layout.metrics),
-        ConsoleProgressCallback(log.write),
+        ConsoleProgressCallback(log.write, quiet=quiet),
     ]
     args = training_arguments(config, plan, layout, steps, has_eval=bool(data.eval))
     trainer = build_trainer(model, tokenizer, args, data.train, data.eval, callbacks)
@@ -208,7 +221,12 @@ def train(
         write_json(layout.info, info)
         write_json(
             layout.status,
-            {"state": "completed", "started": started, "finished": _now(), "steps": result.global_step},
+            {
+                "state": "completed",
+                "started": started,
+                "finished": _now(),
+                "steps": result.global_step,
+            },
         )
     except BaseException as exc:
         state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
@@ -218,13 +236,19 @@ def train(
     finally:
         writer.close()
     layout = run.finish()
+    log.path = layout.log
     for sample in samples:
         sample.after = generate(trainer.model, tokenizer, sample.prompt)
     log(
         f"done: {result.global_step} steps in {duration:.0f}s, final loss "
         f"{losses.get('final_loss', float('nan')):.4f}"
-        + (f", best validation loss {losses['best_eval_loss']:.4f}" if "best_eval_loss" in losses else "")
+        + (
+            f", best validation loss {losses['best_eval_loss']:.4f}"
+            if "best_eval_loss" in losses
+            else ""
+        )
     )
-    log.path = layout.log
     log(f"saved: {layout.root}")
-    return RunResult(layout.root, result.global_step, losses, duration, samples)
+    return RunResult(
+        layout.root, result.global_step, losses, duration, samples, trainer.model, tokenizer
+    )

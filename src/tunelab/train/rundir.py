@@ -156,7 +156,9 @@ class RunDir:
         check_output_dir(output_dir, overwrite)
         output_dir = output_dir.resolve()
         if output_dir.exists() and any(output_dir.iterdir()):
-            staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.new-", dir=output_dir.parent))
+            staging = Path(
+                tempfile.mkdtemp(prefix=f".{output_dir.name}.new-", dir=output_dir.parent)
+            )
             return cls(RunLayout(staging), output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         return cls(RunLayout(output_dir), output_dir)

@@ -93,7 +93,9 @@ def training_arguments(
         max_steps=config.max_steps or -1,
         learning_rate=config.learning_rate_value,
         lr_scheduler_type=config.lr_scheduler,
-        lr_scheduler_kwargs={"min_lr_rate": 0.1} if config.lr_scheduler == "cosine_with_min_lr" else None,
+        lr_scheduler_kwargs={"min_lr_rate": 0.1}
+        if config.lr_scheduler == "cosine_with_min_lr"
+        else None,
         warmup_steps=warmup,
         optim=config.optimizer,
         weight_decay=config.weight_decay,
@@ -108,8 +110,10 @@ def training_arguments(
         bf16=plan.precision == "bf16",
         fp16=plan.precision == "fp16",
         tf32=config.tf32 or None,
-        gradient_checkpointing=plan.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
+        activation_checkpointing=plan.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False}
+        if plan.gradient_checkpointing
+        else None,
         use_cpu=plan.hardware.device == "cpu",
         include_num_input_tokens_seen="non_padding",
         prediction_loss_only=True,

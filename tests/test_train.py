@@ -1,0 +1,244 @@
+"""Training smoke tests on the tiny model: real steps, real effects."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from tunelab.cli import main
+from tunelab.config import load_config
+from tunelab.errors import RunDirError
+from tunelab.train.run import train
+
+FAST = {"val_set_size": 0, "micro_batch_size": 4, "logging_steps": 1, "lora_r": 16}
+
+
+def run(model_dir, data, out, overwrite=False, **settings):
+    overrides = {**FAST, "base_model": str(model_dir), "datasets": [{"path": str(data)}]}
+    overrides.update(output_dir=str(out), **settings)
+    return train(load_config(overrides=overrides), overwrite=overwrite, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """One LoRA run on the memorisable set, with a validation split and a checkpoint."""
+    from .conftest import MEMORISE, write_json
+
+    tmp = tmp_path_factory.mktemp("run")
+    data = write_json(tmp / "data.json", MEMORISE * 3)  # 12 rows: 3 held out
+    result = run(
+        tiny_model_dir, data, tmp / "out", max_steps=40, learning_rate=3e-2,
+        val_set_size=3, eval_steps=20, save_steps=20,
+    )  # fmt: skip
+    return result
+
+
+def records(result):
+    return [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_on_a_memorisable_set(trained):
+    losses = [r["loss"] for r in records(trained) if "loss" in r]
+    assert len(losses) == 40
+    assert all(map(lambda x: x == x and x < float("inf"), losses))
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_metrics_records_have_the_documented_fields(trained):
+    recs = records(trained)
+    step = next(r for r in recs if "loss" in r)
+    assert {"step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second"} <= set(step)
+    assert step["tokens_per_second"] > 0
+    evals = [r for r in recs if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [20, 40]
+
+
+def test_lora_changes_and_base_does_not(trained, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    trained_state = trained.model.state_dict()
+    lora_b = [v for k, v in trained_state.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero
+    for name, value in original.items():
+        key = next(
+            k
+            for k in trained_state
+            if k.endswith(name.replace(".weight", ".base_layer.weight")) or k.endswith(name)
+        )
+        assert torch.equal(trained_state[key], value), name
+
+
+def test_run_directory_layout(trained):
+    root = trained.run_dir
+    for name in (
+        "config.yaml", "status.json", "train.log", "metrics.jsonl", "adapter_config.json",
+        "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+        "adapter_info.json", "training_history.png",
+    ):  # fmt: skip
+        assert (root / name).is_file(), name
+    assert list((root / "logs").glob("events.out.tfevents.*"))
+    assert (root / "checkpoints" / "checkpoint-20").is_dir()
+    assert json.loads((root / "status.json").read_text())["state"] == "completed"
+    info = json.loads((root / "adapter_info.json").read_text())
+    assert info["steps"] == 40 and info["datasets"][0]["sha256"]
+    assert {"final_loss", "best_loss", "best_eval_loss"} <= set(info["losses"])
+    assert {"torch", "transformers", "peft"} <= set(info["versions"])
+    assert info["duration_s"] > 0
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_saved_adapter_reloads_and_changes_output(trained, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        before = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, str(trained.run_dir))
+        after = tuned(ids).logits
+        in_memory = trained.model.eval()(ids).logits
+    assert not torch.allclose(before, after, atol=1e-4)
+    assert torch.allclose(after, in_memory, atol=1e-5)
+
+
+def test_config_yaml_trains_again(trained):
+    loaded = load_config(trained.run_dir / "config.yaml")
+    assert loaded.config.max_steps == 40 and loaded.config.output_dir == str(trained.run_dir)
+
+
+def test_refuses_to_overwrite_a_finished_run(trained, tiny_model_dir, alpaca_file):
+    weights = (trained.run_dir / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(RunDirError, match="already holds a finished adapter"):
+        run(tiny_model_dir, alpaca_file, trained.run_dir, max_steps=2)
+    assert (trained.run_dir / "adapter_model.safetensors").read_bytes() == weights
+
+
+def test_overwrite_replaces_the_run(tiny_model_dir, alpaca_file, tmp_path):
+    out = tmp_path / "out"
+    run(tiny_model_dir, alpaca_file, out, max_steps=2)
+    (out / "stale.txt").write_text("from the first run")
+    result = run(tiny_model_dir, alpaca_file, out, overwrite=True, max_steps=3)
+    assert result.steps == 3 and not (out / "stale.txt").exists()
+    assert json.loads((out / "adapter_info.json").read_text())["steps"] == 3
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_full_fine_tuning_saves_a_whole_model(tiny_model_dir, alpaca_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = run(
+        tiny_model_dir,
+        alpaca_file,
+        tmp_path / "full",
+        adapter="full",
+        max_steps=3,
+        learning_rate=1e-3,
+    )
+    assert (result.run_dir / "model.safetensors").is_file()
+    assert not (result.run_dir / "adapter_config.json").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(result.run_dir)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(reloaded.state_dict()[name], original.state_dict()[name])
+
+
+# --- bad input through the command line: a clear error, exit 2, nothing left behind ---
+
+
+def cli(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    cli.out = out
+    return code, err
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "no such file"),
+        ("[]", "the dataset is empty"),
+        ('[{"instruction": "a", "output": "b"},\n{"instruction": }]', "data.json:2: invalid JSON"),
+        ('[{"instruction": "a", "output": "b"}, {"instruction": "c"}, {"instruction": "d"}]',
+         "2 of 3 rows cannot be read as alpaca:\n  2 rows: 'output' is missing (first at row 2)"),
+    ],
+)  # fmt: skip
+def test_bad_data_via_cli(tiny_model_dir, tmp_path, capsys, content, expected):
+    data = tmp_path / "data.json"
+    if content is not None:
+        data.write_text(content)
+    out = tmp_path / "out"
+    code, err = cli(
+        ["train", "--data", str(data), "--base-model", str(tiny_model_dir), "--output", str(out)],
+        capsys,
+    )
+    assert code == 2
+    assert expected in err and str(data) in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "sets, expected",
+    [
+        (["lora_rr=8"], "lora_rr: unknown key; did you mean 'lora_r'?"),
+        (["lora_r=0"], "lora_r: Input should be greater than or equal to 1"),
+        (["learning_rate=-0.001"], "learning_rate: Input should be greater than 0"),
+    ],
+)
+def test_bad_config_via_cli(tiny_model_dir, alpaca_file, tmp_path, capsys, sets, expected):
+    out = tmp_path / "out"
+    args = [
+        "train",
+        "--data",
+        str(alpaca_file),
+        "--base-model",
+        str(tiny_model_dir),
+        "--output",
+        str(out),
+    ]
+    code, err = cli(args + [a for s in sets for a in ("--set", s)], capsys)
+    assert code == 2 and expected in err and not out.exists()
+
+
+def test_base_model_that_is_not_a_model(alpaca_file, tmp_path, capsys):
+    not_model = tmp_path / "weights"
+    not_model.mkdir()
+    code, err = cli(
+        [
+            "train",
+            "--data",
+            str(alpaca_file),
+            "--base-model",
+            str(not_model),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+    )
+    assert code == 2 and "is a directory but not a model: it has no config.json" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_validate_prints_resolved_config(tiny_model_dir, alpaca_file, capsys):
+    args = ["validate", "--data", str(alpaca_file), "--base-model", str(tiny_model_dir)]
+    code, err = cli([*args, "--epochs", "2"], capsys)
+    assert code == 0 and "ok: 4 examples" in err
+    resolved = yaml.safe_load(cli.out)
+    assert resolved["num_epochs"] == 2 and resolved["base_model"] == str(tiny_model_dir)
+    assert resolved["lora_r"] == 8 and resolved["datasets"][0]["type"] == "auto"
+
+
+def test_validate_lists_every_problem(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("datasets:\n  - path: missing.json\nlora_r: 0\nlearning_rte: 0.1\n")
+    code, err = cli(["validate", str(cfg)], capsys)
+    assert code == 2
+    assert (
+        "3 problems" in err
+        and "datasets.0.path" in err
+        and "lora_r" in err
+        and "learning_rate" in err
+    )
