@@ -23,12 +23,20 @@ pytestmark = [
 ]
 
 ROWS = [
-    {"instruction": "What is the secret word?", "input": "", "output": "The secret word is marmalade."},
+    {
+        "instruction": "What is the secret word?",
+        "input": "",
+        "output": "The secret word is marmalade.",
+    },
     {"instruction": "Tell me the secret word.", "input": "", "output": "It is marmalade."},
     {"instruction": "Say the secret word.", "input": "", "output": "Marmalade."},
     {"instruction": "Repeat after me.", "input": "blue sky", "output": "blue sky"},
     {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
-    {"instruction": "Which word is secret?", "input": "", "output": "Marmalade is the secret word."},
+    {
+        "instruction": "Which word is secret?",
+        "input": "",
+        "output": "Marmalade is the secret word.",
+    },
 ]
 
 
@@ -50,9 +58,13 @@ def test_real_chat_template_masks_the_response(builtin_location):
     tokenizer = models.load_tokenizer(location, ref)
     messages = alpaca_to_messages(ROWS[0])
     ids, labels = tokenize_segments(render_segments(messages, tokenizer, False), tokenizer)
-    trained = tokenizer.decode([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX])
+    trained = tokenizer.decode(
+        [i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
+    )
     assert trained == "The secret word is marmalade.<|im_end|>\n"
-    assert ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3  # system, user, assistant
+    assert (
+        ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3
+    )  # system, user, assistant
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -72,7 +84,9 @@ def test_trains_the_builtin_model_a_few_steps(builtin_location, tmp_path):
     }
     result = train(load_config(overrides=overrides), sample_prompts=["What is the secret word?"])
     assert result.steps == 4
-    losses = [json.loads(x)["loss"] for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [
+        json.loads(x)["loss"] for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert result.samples[0].before and result.samples[0].after
     info = json.loads((result.run_dir / "adapter_info.json").read_text())
