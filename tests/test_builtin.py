@@ -99,3 +99,10 @@ def test_trains_the_builtin_model_a_few_steps(builtin_location, tmp_path):
         before = base(ids).logits
         after = PeftModel.from_pretrained(base, str(result.run_dir))(ids).logits
     assert not torch.allclose(before, after, atol=1e-4)
+
+
+def test_a_gguf_path_shares_the_builtin_conversion(builtin_location):
+    ref = resolve_model(str(models.builtin_gguf()))
+    assert ref.kind == "gguf"
+    assert models.model_location(ref) == builtin_location[1]
+    assert (models.cache_root() / "models").is_dir()

@@ -111,7 +111,25 @@ def test_syntax_error_names_file_and_line(tmp_path):
     assert "invalid YAML" in problems[0]
 
 
-def test_runpod_request_validates_and_lists_unsupported_keys(tmp_path, alpaca_file):
+def test_request_envelope(tmp_path, alpaca_file):
+    request = {
+        "input": {
+            "user_id": "u1",
+            "credentials": {"hf_token": "secret-token"},
+            "args": {"datasets": [{"path": str(alpaca_file)}], "lora_r": 4, "wandb_project": "p"},
+        }
+    }
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps(request))
+    loaded = load_config(path)
+    assert loaded.config.lora_r == 4
+    notes = "\n".join(loaded.notes)
+    assert "input.user_id" in notes and 'wandb_project="p"' in notes
+    assert "credentials are ignored" in notes and "secret-token" not in notes
+
+
+@pytest.mark.skipif(not SEEDS.is_dir(), reason="the seed documents are not beside this checkout")
+def test_runpod_example_request_validates(tmp_path, alpaca_file):
     seed = (SEEDS / "003_e90ef2b62a6316dc.txt").read_text()
     start = seed.index("```json", seed.index("Example Configuration Request"))
     request = json.loads(seed[start + len("```json") : seed.index("```", start + 7)])

@@ -242,3 +242,23 @@ def test_validate_lists_every_problem(tmp_path, capsys):
         and "lora_r" in err
         and "learning_rate" in err
     )
+
+
+def test_unreachable_hub_model_is_a_clear_error(alpaca_file, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = ["train", "--data", str(alpaca_file), "--base-model", "someorg/no-such-model"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunelab.cli", *args, "--output", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "could not load 'someorg/no-such-model' from the Hugging Face Hub" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()

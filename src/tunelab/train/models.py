@@ -50,9 +50,9 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def convert_gguf(gguf: Path, name: str, log=print) -> Path:
+def convert_gguf(gguf: Path, log=print) -> Path:
     """A safetensors copy of a GGUF model in the cache, made once (atomically) and reused."""
-    target = cache_root() / "models" / f"{name}-{_file_digest(gguf)}"
+    target = cache_root() / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
     if (target / _DONE_MARK).is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,8 +70,9 @@ def convert_gguf(gguf: Path, name: str, log=print) -> Path:
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
+        staging.chmod(0o755)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / _DONE_MARK).write_text(str(gguf))
@@ -86,10 +87,9 @@ def convert_gguf(gguf: Path, name: str, log=print) -> Path:
 def model_location(ref: ModelRef, log=print) -> str:
     """A directory or hub id that ``from_pretrained`` can read."""
     if ref.kind == "builtin":
-        return str(convert_gguf(builtin_gguf(), BUILTIN_MODEL, log))
+        return str(convert_gguf(builtin_gguf(), log))
     if ref.kind == "gguf":
-        path = Path(ref.location)
-        return str(convert_gguf(path, path.stem, log))
+        return str(convert_gguf(Path(ref.location), log))
     return ref.location
 
 

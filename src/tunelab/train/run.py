@@ -140,26 +140,28 @@ def _info(config: TuneConfig, plan: Plan, data: PreparedData, model: Any, **extr
     }
 
 
-def train(
-    loaded: LoadedConfig,
-    overwrite: bool = False,
-    sample_prompts: Sequence[str] = (),
-    quiet: bool = False,
-) -> RunResult:
-    """Run a whole training job; raises a :class:`~tunelab.errors.TunelabError` on bad input."""
+@dataclass
+class Prepared:
+    """Everything checked and loaded, before the run directory exists."""
+
+    config: TuneConfig
+    plan: Plan
+    data: PreparedData
+    tokenizer: Any
+    model: Any
+    steps: int
+    samples: list[Sample]
+
+
+def prepare(
+    loaded: LoadedConfig, overwrite: bool, sample_prompts: Sequence[str], log: RunLog
+) -> Prepared:
+    """Check the config, output dir, hardware and data; load the model; add the adapter."""
     from transformers import set_seed
-    from transformers.integrations import TensorBoardCallback
 
     from tunelab.infer.generate import generate
-    from tunelab.train.callbacks import (
-        ConsoleProgressCallback,
-        MetricsFileCallback,
-        ThroughputCallback,
-    )
 
-    log = RunLog(quiet)
-    given = loaded.config.output_dir
-    output_dir = Path(given) if given else default_output_dir()
+    output_dir = Path(loaded.config.output_dir or default_output_dir())
     config = loaded.config.model_copy(update={"output_dir": str(output_dir)})
     for note in loaded.notes:
         log(f"note: {note}")
@@ -185,14 +187,19 @@ def train(
         f"batch {plan.micro_batch_size}x{config.gradient_accumulation_steps}, "
         f"lr {config.learning_rate_value:g}, {trainable:,} of {total:,} parameters trained"
     )
+    return Prepared(config, plan, data, tokenizer, model, steps, samples)
 
-    run = RunDir.create(output_dir, overwrite)
-    layout = run.layout
-    log.attach(layout.log)
-    write_atomic(layout.config, yaml.safe_dump(resolved_dict(config), sort_keys=False))
-    started, clock = _now(), time.perf_counter()
-    write_json(layout.status, {"state": "running", "started": started, "total_steps": steps})
+
+def fit(prep: Prepared, layout: RunLayout, log: RunLog, quiet: bool) -> Any:
+    """Train with transformers' Trainer; returns the trainer after its last step."""
     from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    from tunelab.train.callbacks import (
+        ConsoleProgressCallback,
+        MetricsFileCallback,
+        ThroughputCallback,
+    )
 
     writer = SummaryWriter(log_dir=str(layout.tensorboard))
     callbacks = [
@@ -201,54 +208,78 @@ def train(
         MetricsFileCallback(layout.metrics),
         ConsoleProgressCallback(log.write, quiet=quiet),
     ]
-    args = training_arguments(config, plan, layout, steps, has_eval=bool(data.eval))
-    trainer = build_trainer(model, tokenizer, args, data.train, data.eval, callbacks)
+    args = training_arguments(prep.config, prep.plan, layout, prep.steps, bool(prep.data.eval))
+    trainer = build_trainer(
+        prep.model, prep.tokenizer, args, prep.data.train, prep.data.eval, callbacks
+    )
     try:
-        result = trainer.train()
-        if data.eval and args.eval_strategy == "steps" and result.global_step % args.eval_steps:
+        trainer.train()
+        step = trainer.state.global_step
+        if prep.data.eval and args.eval_strategy == "steps" and step % args.eval_steps:
             trainer.evaluate()  # the validation loss of the weights being saved
-        _save_weights(trainer.model, tokenizer, layout)
-        records = artifacts.read_metrics(layout.metrics)
-        losses = artifacts.loss_summary(records)
-        artifacts.plot_history(records, layout.plot)
-        duration = time.perf_counter() - clock
-        info = _info(
-            config, plan, data, trainer.model,
-            steps=result.global_step, epochs=round(trainer.state.epoch or 0, 4),
-            losses=losses, duration_s=round(duration, 1), started=started, finished=_now(),
-            tokens_seen=trainer.state.num_input_tokens_seen,
-        )  # fmt: skip
-        write_json(layout.info, info)
-        write_json(
-            layout.status,
-            {
-                "state": "completed",
-                "started": started,
-                "finished": _now(),
-                "steps": result.global_step,
-            },
-        )
+    finally:
+        writer.close()
+    return trainer
+
+
+def save_artifacts(prep: Prepared, trainer: Any, layout: RunLayout, started: str, clock: float):
+    """Weights, tokenizer, adapter_info.json and the loss plot; returns the loss summary."""
+    _save_weights(trainer.model, prep.tokenizer, layout)
+    if layout.checkpoints.is_dir() and not any(layout.checkpoints.iterdir()):
+        layout.checkpoints.rmdir()
+    records = artifacts.read_metrics(layout.metrics)
+    losses = artifacts.loss_summary(records)
+    artifacts.plot_history(records, layout.plot)
+    state = trainer.state
+    info = _info(
+        prep.config, prep.plan, prep.data, trainer.model,
+        steps=state.global_step, epochs=round(state.epoch or 0, 4), losses=losses,
+        duration_s=round(time.perf_counter() - clock, 1), started=started, finished=_now(),
+        tokens_seen=state.num_input_tokens_seen,
+    )  # fmt: skip
+    write_json(layout.info, info)
+    return losses
+
+
+def train(
+    loaded: LoadedConfig,
+    overwrite: bool = False,
+    sample_prompts: Sequence[str] = (),
+    quiet: bool = False,
+) -> RunResult:
+    """Run a whole training job; raises a :class:`~tunelab.errors.TunelabError` on bad input."""
+    from tunelab.infer.generate import generate
+
+    log = RunLog(quiet)
+    prep = prepare(loaded, overwrite, sample_prompts, log)
+    run = RunDir.create(Path(prep.config.output_dir), overwrite)
+    layout = run.layout
+    log.attach(layout.log)
+    write_atomic(layout.config, yaml.safe_dump(resolved_dict(prep.config), sort_keys=False))
+    started, clock = _now(), time.perf_counter()
+    write_json(layout.status, {"state": "running", "started": started, "total_steps": prep.steps})
+    try:
+        trainer = fit(prep, layout, log, quiet)
+        losses = save_artifacts(prep, trainer, layout, started, clock)
+        steps = trainer.state.global_step
+        done = {"state": "completed", "started": started, "finished": _now(), "steps": steps}
+        write_json(layout.status, done)
     except BaseException as exc:
         state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         write_json(layout.status, {"state": state, "started": started, "error": repr(exc)})
         run.abandon()
         raise
-    finally:
-        writer.close()
     layout = run.finish()
     log.path = layout.log
-    for sample in samples:
-        sample.after = generate(trainer.model, tokenizer, sample.prompt)
+    duration = time.perf_counter() - clock
+    for sample in prep.samples:
+        sample.after = generate(trainer.model, prep.tokenizer, sample.prompt)
+    final, best = losses.get("final_loss", float("nan")), losses.get("best_eval_loss")
     log(
-        f"done: {result.global_step} steps in {duration:.0f}s, final loss "
-        f"{losses.get('final_loss', float('nan')):.4f}"
-        + (
-            f", best validation loss {losses['best_eval_loss']:.4f}"
-            if "best_eval_loss" in losses
-            else ""
-        )
+        f"done: {steps} steps in {duration:.0f}s, final loss {final:.4f}"
+        + (f", best validation loss {best:.4f}" if best is not None else "")
     )
     log(f"saved: {layout.root}")
     return RunResult(
-        layout.root, result.global_step, losses, duration, samples, trainer.model, tokenizer
+        layout.root, steps, losses, duration, prep.samples, trainer.model, prep.tokenizer
     )
