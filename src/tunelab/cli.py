@@ -80,9 +80,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(yaml.safe_dump(resolved_dict(loaded.config), sort_keys=False), end="")
     for note in loaded.notes:
         print(f"note: {note}", file=sys.stderr)
-    examples, sources = load_examples(loaded.config)
+    examples, sources = load_examples(loaded.config, read_hub=False)
     for s in sources:
         print(f"data: {s.path}: {s.format}, {s.rows} rows", file=sys.stderr)
+    local = {s.path for s in sources}
+    for ds in loaded.config.datasets:
+        if str(Path(ds.path).expanduser().resolve()) not in local:
+            print(f"data: {ds.path}: hub dataset, read when training", file=sys.stderr)
     try:
         preflight(loaded.config, detect_hardware())
     except PreflightError as exc:

@@ -25,7 +25,7 @@ UNSUPPORTED: frozenset[str] = frozenset(
     save_total_limit save_first_step dataset_prepared_path push_dataset_to_hub
     dataset_processes dataset_keep_in_memory shuffle_merged_datasets
     dataset_exact_deduplication lora_model_dir peft_layers_to_transform
-    lora_modules_to_save lora_fan_in_fan_out group_by_length early_stopping_patience
+    lora_modules_to_save lora_fan_in_fan_out early_stopping_patience
     lr_scheduler_kwargs cosine_min_lr_ratio cosine_constant_lr_ratio lr_div_factor
     optim_args optim_target_modules adam_beta1 adam_beta2 adam_epsilon flash_optimum
     xformers_attention flash_attention flash_attn_cross_entropy flash_attn_rms_norm

@@ -100,6 +100,9 @@ class TrainingSection(_Strict):
         None, ge=1, description="Samples per step on each device; default chosen for the hardware."
     )
     gradient_accumulation_steps: int = Field(1, ge=1, description="Steps summed per update.")
+    group_by_length: bool = Field(
+        True, description="Batch samples of similar length together to cut padding."
+    )
     num_epochs: float = Field(3.0, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(
         None, description="Stop after this many updates (overrides num_epochs); -1 for none."

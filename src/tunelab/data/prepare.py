@@ -90,8 +90,13 @@ def _convert(rows: list[Row], fmt: Format, name: str) -> list[Example]:
     return examples
 
 
-def load_examples(config: TuneConfig) -> tuple[list[Example], list[SourceReport]]:
-    """Read and check every row of every source; no tokenizer or model needed."""
+def load_examples(
+    config: TuneConfig, read_hub: bool = True
+) -> tuple[list[Example], list[SourceReport]]:
+    """Read and check every row of every source; no tokenizer or model needed.
+
+    With ``read_hub=False`` hub datasets are skipped (nothing is downloaded).
+    """
     examples: list[Example] = []
     reports: list[SourceReport] = []
     for source in config.datasets:
@@ -101,13 +106,16 @@ def load_examples(config: TuneConfig) -> tuple[list[Example], list[SourceReport]
             raise DataError(problem)
         if path.is_file():
             rows, digest = read_json_rows(path), _sha256(path)
-        else:
+        elif read_hub:
             rows, digest = read_hub_rows(source.path, source.split), None
+        else:
+            continue
         if not rows:
             raise DataError(f"{source.path}: the dataset is empty (no rows)", "add examples to it")
         fmt = _choose_format(source, rows, source.path)
         examples += _convert(rows, fmt, source.path)
-        reports.append(SourceReport(str(path), fmt.name, len(rows), digest))
+        name = str(path.resolve()) if digest else source.path
+        reports.append(SourceReport(name, fmt.name, len(rows), digest))
     return examples, reports
 
 

@@ -89,6 +89,7 @@ def training_arguments(
         per_device_train_batch_size=plan.micro_batch_size,
         per_device_eval_batch_size=plan.micro_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         num_train_epochs=config.num_epochs,
         max_steps=config.max_steps or -1,
         learning_rate=config.learning_rate_value,
