@@ -225,7 +225,7 @@ def test_base_model_that_is_not_a_model(alpaca_file, tmp_path, capsys):
 def test_validate_prints_resolved_config(tiny_model_dir, alpaca_file, capsys):
     args = ["validate", "--data", str(alpaca_file), "--base-model", str(tiny_model_dir)]
     code, err = cli([*args, "--epochs", "2"], capsys)
-    assert code == 0 and "ok: 4 examples" in err
+    assert code == 0 and "(4 local rows checked)" in err
     resolved = yaml.safe_load(cli.out)
     assert resolved["num_epochs"] == 2 and resolved["base_model"] == str(tiny_model_dir)
     assert resolved["lora_r"] == 8 and resolved["datasets"][0]["type"] == "auto"

@@ -91,7 +91,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         preflight(loaded.config, detect_hardware())
     except PreflightError as exc:
         print(f"warning: valid, but {exc.message}", file=sys.stderr)
-    print(f"ok: {len(examples)} examples; the configuration is valid", file=sys.stderr)
+    print(f"ok: the configuration is valid ({len(examples)} local rows checked)", file=sys.stderr)
     return 0
 
 

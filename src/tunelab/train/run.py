@@ -276,7 +276,8 @@ def train(
         sample.after = generate(trainer.model, prep.tokenizer, sample.prompt)
     final, best = losses.get("final_loss", float("nan")), losses.get("best_eval_loss")
     log(
-        f"done: {steps} steps in {duration:.0f}s, final loss {final:.4f}"
+        f"done: {steps} steps in {duration:.0f}s "
+        f"({trainer.state.num_input_tokens_seen / duration:.0f} tokens/s), final loss {final:.4f}"
         + (f", best validation loss {best:.4f}" if best is not None else "")
     )
     log(f"saved: {layout.root}")
