@@ -145,3 +145,13 @@ def test_runpod_example_request_validates(tmp_path, alpaca_file):
         assert key in notes
     assert "input.user_id" in notes
     assert "load_in_8bit" in notes  # set to false: still named, never silently dropped
+
+
+def test_misspelt_builtin_name_suggests_it(alpaca_file):
+    problems = problems_of(
+        overrides={"datasets": [{"path": str(alpaca_file)}], "base_model": "SmolLM2-135M-Instrct"}
+    )
+    assert problems == [
+        "base_model: 'SmolLM2-135M-Instrct' is not a local path; "
+        "did you mean the built-in 'SmolLM2-135M-Instruct'?"
+    ]

@@ -262,3 +262,22 @@ def test_unreachable_hub_model_is_a_clear_error(alpaca_file, tmp_path):
     assert proc.returncode == 2
     assert "could not load 'someorg/no-such-model' from the Hugging Face Hub" in proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_load_run_reproduces_the_trained_model(trained):
+    from tunelab.infer.generate import load_run
+
+    model, tokenizer = load_run(trained.run_dir)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, trained.model.eval()(ids).logits, atol=1e-5)
+    assert tokenizer.chat_template == trained.tokenizer.chat_template
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run(tiny_model_dir, alpaca_file, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    with pytest.raises(RunDirError, match="not a tunelab run"):
+        run(tiny_model_dir, alpaca_file, out, overwrite=True, max_steps=1)
+    assert (out / "notes.txt").read_text() == "precious"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -151,7 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    import os
     import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -178,6 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a crash, not bad input: say what, keep the details in the log
+        if os.environ.get("TUNELAB_DEBUG"):
+            raise
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(
+            "  (the traceback is in the run's train.log; TUNELAB_DEBUG=1 shows it here)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,8 @@ def model_problem(name: str) -> str | None:
         return f"'{name}': no such file or directory"
     if not _HUB_ID.match(name):
         return f"'{name}' is neither a local path nor a hub id like 'org/name'"
+    if "/" not in name and difflib.get_close_matches(name.lower(), [BUILTIN_MODEL.lower()]):
+        return f"'{name}' is not a local path; did you mean the built-in '{BUILTIN_MODEL}'?"
     return None
 
 

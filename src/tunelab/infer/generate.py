@@ -55,9 +55,11 @@ def load_run(run_dir: str | Path) -> tuple[Any, Any]:
         )
     from peft import PeftModel
 
-    ref = resolve_model(
-        info.get("base_model") or read_json(layout.adapter_config)["base_model_name_or_path"]
-    )
+    recorded = read_json(layout.adapter_config).get("base_model_name_or_path")
+    name = recorded if recorded and Path(recorded).is_dir() else info.get("base_model")
+    if not name:
+        raise TunelabError(f"{run_dir}: the adapter does not say which base model it belongs to")
+    ref = resolve_model(name)
     location = model_location(ref)
     base = load_model(location, ref)
     tokenizer = load_tokenizer(str(layout.root), ref)

@@ -77,18 +77,19 @@ def preflight(config: TuneConfig, hw: Hardware) -> Plan:
         precision = "fp16"
     elif config.bf16 is True or (config.bf16 == "auto" and hw.bf16):
         precision = "bf16"
-        reasons.append("precision bf16: supported by " + hw.name if config.bf16 == "auto" else "")
     else:
         precision = "fp32"
-        reasons.append(f"precision fp32: no bfloat16 on {hw.name}")
+    if config.bf16 == "auto" and not config.fp16:
+        reasons.append(f"precision {precision} ({'' if hw.bf16 else 'no '}bfloat16 on {hw.name})")
     batch = config.micro_batch_size or (8 if gpu else 4)
     if config.micro_batch_size is None:
-        reasons.append(f"micro_batch_size {batch}: default for {hw.device}")
+        reasons.append(f"micro_batch_size {batch} (default on {hw.device})")
     if config.gradient_checkpointing == "auto":
         # Activation memory only matters on an accelerator; on CPU recomputing costs a
         # third of the throughput for memory that is rarely short.
         checkpointing = gpu and (config.adapter == "qlora" or config.sequence_len * batch > 32768)
-        reasons.append(f"gradient_checkpointing {'on' if checkpointing else 'off'}: auto")
+        where = "needed for memory" if checkpointing else "memory suffices"
+        reasons.append(f"gradient_checkpointing {'on' if checkpointing else 'off'} ({where})")
     else:
         checkpointing = config.gradient_checkpointing
-    return Plan(hw, precision, batch, checkpointing, tuple(r for r in reasons if r))
+    return Plan(hw, precision, batch, checkpointing, tuple(reasons))

@@ -8,6 +8,7 @@ before the run directory is touched.
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -187,6 +188,8 @@ def prepare(
         f"batch {plan.micro_batch_size}x{config.gradient_accumulation_steps}, "
         f"lr {config.learning_rate_value:g}, {trainable:,} of {total:,} parameters trained"
     )
+    if plan.reasons:
+        log(f"chosen for this machine: {'; '.join(plan.reasons)}")
     return Prepared(config, plan, data, tokenizer, model, steps, samples)
 
 
@@ -266,6 +269,7 @@ def train(
         write_json(layout.status, done)
     except BaseException as exc:
         state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        log.write(traceback.format_exc())
         write_json(layout.status, {"state": state, "started": started, "error": repr(exc)})
         run.abandon()
         raise

@@ -86,6 +86,10 @@ class RunLayout:
     def is_finished(self) -> bool:
         return read_json(self.status).get("state") == "completed" or self.adapter_weights.exists()
 
+    def is_run(self) -> bool:
+        """Whether this directory was made by a tunelab run (and so may be replaced)."""
+        return self.status.exists() or self.adapter_config.exists() or self.info.exists()
+
 
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write ``data`` beside ``path``, sync it and rename it into place."""
@@ -129,9 +133,17 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
         return
     if not output_dir.is_dir():
         raise RunDirError(f"{output_dir}: exists and is not a directory", "choose another --output")
-    if not any(output_dir.iterdir()) or overwrite:
+    if not any(output_dir.iterdir()):
         return
     layout = RunLayout(output_dir)
+    if overwrite:
+        if layout.is_run():
+            return
+        raise RunDirError(
+            f"{output_dir} holds files that are not a tunelab run; "
+            "refusing to replace it, even with --overwrite",
+            "choose a new or empty --output directory",
+        )
     what = "a finished adapter" if layout.is_finished() else "files of another run"
     raise RunDirError(
         f"{output_dir} already holds {what}; nothing was changed",
