@@ -281,3 +281,38 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(tiny_model_dir, alpaca_
     with pytest.raises(RunDirError, match="not a tunelab run"):
         run(tiny_model_dir, alpaca_file, out, overwrite=True, max_steps=1)
     assert (out / "notes.txt").read_text() == "precious"
+
+
+def test_interrupted_overwrite_keeps_the_old_run(tiny_model_dir, alpaca_file, tmp_path):
+    """SIGINT while a replacement run trains: the finished run stays exactly as it was."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    run(tiny_model_dir, alpaca_file, out, max_steps=2)
+    weights = (out / "adapter_model.safetensors").read_bytes()
+    args = ["train", "--data", str(alpaca_file), "--base-model", str(tiny_model_dir)]
+    args += [
+        "--output",
+        str(out),
+        "--overwrite",
+        "--max-steps",
+        "100000",
+        "--set",
+        "logging_steps=1",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunelab.cli", *args], stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.new-*/metrics.jsonl")):  # training has started
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert (out / "adapter_model.safetensors").read_bytes() == weights
+    assert json.loads((out / "status.json").read_text())["state"] == "completed"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
