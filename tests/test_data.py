@@ -135,12 +135,13 @@ def _examples(tmp_path, name, text):
 
 
 def test_jsonl_reads(tmp_path):
-    examples, sources = _examples(
+    data = _examples(
         tmp_path,
         "d.jsonl",
         '{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": "d"}\n',
     )
-    assert len(examples) == 2 and sources[0].format == "alpaca" and sources[0].rows == 2
+    assert len(data.examples) == 2 and data.sources[0].format == "alpaca"
+    assert data.sources[0].rows == 2
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):

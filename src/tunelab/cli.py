@@ -31,6 +31,8 @@ CONFIG_FLAGS: list[tuple[str, str, Callable[[str], Any]]] = [
     ("--lora-alpha", "lora_alpha", int),
     ("--sequence-len", "sequence_len", int),
     ("--validation-split", "val_set_size", float),
+    ("--max-examples", "max_examples", int),
+    ("--chat-template", "chat_template", str),
     ("--optimizer", "optimizer", str),
     ("--seed", "seed", int),
 ]
@@ -40,6 +42,10 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML or JSON config file (axolotl keys)")
     p.add_argument("--data", help="data file(s), comma-separated; replaces the config's datasets")
     p.add_argument("--dataset-format", help="format of the --data files (default: auto)")
+    p.add_argument("--format-file", help="text-generation-webui format file for the --data files")
+    p.add_argument(
+        "--data-template", help="Jinja data template, e.g. 'Q: {{question}}\\nA: {{answer}}'"
+    )
     fields = TuneConfig.model_fields
     for flag, key, kind in CONFIG_FLAGS:
         p.add_argument(flag, dest=key, type=kind, help=f"{fields[key].description} [{key}]")
@@ -57,14 +63,19 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides = {
         key: getattr(args, key) for _, key, _ in CONFIG_FLAGS if getattr(args, key) is not None
     }
+    per_source = {
+        key: value
+        for key, value in (
+            ("type", args.dataset_format),
+            ("format_file", args.format_file),
+            ("data_template", args.data_template),
+        )
+        if value is not None
+    }
     if args.data:
-        paths = [p.strip() for p in args.data.split(",") if p.strip()]
-        overrides["datasets"] = [
-            {"path": p, **({"type": args.dataset_format} if args.dataset_format else {})}
-            for p in paths
-        ]
-    elif args.dataset_format:
-        overrides["datasets.0.type"] = args.dataset_format
+        overrides["datasets"] = [{"path": args.data, **per_source}]
+    else:
+        overrides.update({f"datasets.0.{k}": v for k, v in per_source.items()})
     return overrides
 
 
@@ -81,13 +92,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(yaml.safe_dump(resolved_dict(loaded.config), sort_keys=False), end="")
     for note in loaded.notes:
         print(f"note: {note}", file=sys.stderr)
-    examples, sources = load_examples(loaded.config, read_hub=False)
-    for s in sources:
+    data = load_examples(loaded.config, read_hub=False)
+    for s in data.sources:
         print(f"data: {s.path}: {s.format}, {s.rows} rows", file=sys.stderr)
-    local = {s.path for s in sources}
-    for ds in loaded.config.datasets:
-        if str(Path(ds.path).expanduser().resolve()) not in local:
-            print(f"data: {ds.path}: hub dataset, read when training", file=sys.stderr)
+    for note in data.notes:
+        print(f"note: {note}", file=sys.stderr)
+    examples = data.examples
     try:
         preflight(loaded.config, detect_hardware())
     except PreflightError as exc:

@@ -22,9 +22,8 @@ UNSUPPORTED: frozenset[str] = frozenset(
     is_qwen_derived_model is_mistral_derived_model overrides_of_model_config
     load_in_8bit load_in_4bit gpu_memory_limit lora_on_cpu device_map max_memory
     eval_batch_size lr_quadratic_warmup evals_per_epoch save_strategy saves_per_epoch
-    save_total_limit save_first_step dataset_prepared_path push_dataset_to_hub
-    dataset_processes dataset_keep_in_memory shuffle_merged_datasets
-    dataset_exact_deduplication lora_model_dir peft_layers_to_transform
+    save_total_limit save_first_step push_dataset_to_hub
+    dataset_processes dataset_keep_in_memory lora_model_dir peft_layers_to_transform
     lora_modules_to_save lora_fan_in_fan_out early_stopping_patience
     lr_scheduler_kwargs cosine_min_lr_ratio cosine_constant_lr_ratio lr_div_factor
     optim_args optim_target_modules adam_beta1 adam_beta2 adam_epsilon flash_optimum
@@ -32,9 +31,9 @@ UNSUPPORTED: frozenset[str] = frozenset(
     flash_attn_fuse_qkv flash_attn_fuse_mlp sdp_attention s2_attention attn_implementation
     special_tokens tokens fsdp fsdp_config deepspeed ddp_timeout ddp_bucket_cap_mb
     ddp_broadcast_buffers wandb_project wandb_entity wandb_watch wandb_name wandb_run_id
-    wandb_log_model mlflow_tracking_uri mlflow_experiment_name sample_packing
+    wandb_log_model mlflow_tracking_uri mlflow_experiment_name sample_packing dataset_prepared_path
     eval_sample_packing pad_to_sequence_len loss_watchdog_threshold loss_watchdog_patience
-    strict chat_template chat_template_jinja default_system_message torch_compile
+    strict chat_template_jinja torch_compile
     resume_from_checkpoint auto_resume_from_checkpoints plugins liger_rope liger_rms_norm
     liger_glu_activation liger_layer_norm liger_fused_linear_cross_entropy
     """.split()
@@ -43,8 +42,8 @@ UNSUPPORTED: frozenset[str] = frozenset(
 # Keys of a ``datasets`` entry that tunelab does not read yet.
 UNSUPPORTED_DATASET_KEYS: frozenset[str] = frozenset(
     """
-    ds_type data_files train_on_split name field_messages message_property_mappings
-    field conversation roles shards chat_template roles_to_train train_on_eos
+    ds_type data_files train_on_split name field conversation roles shards chat_template
+    roles_to_train train_on_eos
     """.split()
 )
 

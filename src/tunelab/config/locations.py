@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import glob
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Literal
 from tunelab.config.schema import BUILTIN_MODEL
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-DATA_SUFFIXES = (".json", ".jsonl")
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 
 
 def _looks_like_path(text: str) -> bool:
@@ -19,7 +20,7 @@ def _looks_like_path(text: str) -> bool:
         text.startswith(("/", "./", "../", "~", "."))
         or "\\" in text
         or text.count("/") > 1
-        or Path(text).suffix.lower() in (*DATA_SUFFIXES, ".gguf", ".csv", ".parquet", ".txt")
+        or Path(text).suffix.lower() in (*DATA_SUFFIXES, ".gguf")
     )
 
 
@@ -78,17 +79,45 @@ def resolve_model(name: str) -> ModelRef:
     return ModelRef("hub", name)
 
 
+REGISTRY = "dataset_info.json"
+
+
+def split_paths(path: str) -> list[str]:
+    """A comma-separated ``path`` into its parts. Names after ``dataset_info.json:name``
+    (``dataset_info.json:a,b``) stay with it: they select registry entries."""
+    parts: list[str] = []
+    for part in (p.strip() for p in path.split(",")):
+        if not part:
+            continue
+        selecting = parts and f"{REGISTRY}:" in parts[-1]
+        if selecting and "/" not in part and "." not in part and not Path(part).exists():
+            parts[-1] += f",{part}"
+        else:
+            parts.append(part)
+    return parts
+
+
 def data_path_problem(path: str) -> str | None:
-    """Why a dataset ``path`` cannot be read, or None (a hub id is checked when loaded)."""
-    p = Path(path).expanduser()
-    if p.exists():
-        if p.is_dir():
-            return f"'{path}' is a directory; give a data file (.json or .jsonl)"
-        if p.suffix.lower() not in DATA_SUFFIXES:
-            return f"'{path}': unsupported file type '{p.suffix}'; use .json or .jsonl"
-        return None
-    if _looks_like_path(path):
-        return f"'{path}': no such file"
-    if not _HUB_ID.match(path):
-        return f"'{path}' is neither a local file nor a hub dataset id like 'org/name'"
+    """Why a dataset ``path`` names nothing readable, or None (hub ids are checked on load).
+
+    A path may be a comma-separated list of files, directories, quoted globs, a
+    ``dataset_info.json`` (optionally ``:name,name``) and hub ids (optionally ``:split``).
+    """
+    for part in split_paths(path):
+        base = part.rpartition(":")[0] if f"{REGISTRY}:" in part else part
+        if any(ch in base for ch in "*?["):
+            if not any(
+                Path(m).is_file() for m in glob.glob(str(Path(base).expanduser()), recursive=True)
+            ):
+                return f"'{part}': no files match this pattern"
+            continue
+        p = Path(base).expanduser()
+        if p.is_file() and p.suffix.lower() not in DATA_SUFFIXES:
+            return f"'{part}': unsupported file type '{p.suffix}'; use {', '.join(DATA_SUFFIXES)}"
+        if p.exists():
+            continue
+        if _looks_like_path(base):
+            return f"'{part}': no such file or directory"
+        if not _HUB_ID.match(base.partition(":")[0]):
+            return f"'{part}' is neither a local file nor a hub dataset id like 'org/name'"
     return None

@@ -14,7 +14,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 BUILTIN_MODEL = "SmolLM2-135M-Instruct"
 
-DatasetType = Literal["auto", "alpaca"]
+DatasetType = Literal[
+    "auto",
+    "alpaca",
+    "sharegpt",
+    "openai",
+    "chat_template",
+    "qa",
+    "completion",
+    "text",
+    "raw",
+    "vision",
+]
 AdapterType = Literal["lora", "qlora", "full"]
 SchedulerType = Literal[
     "constant", "linear", "cosine", "constant_with_warmup", "cosine_with_min_lr"
@@ -40,9 +51,33 @@ class _Strict(BaseModel):
 class DatasetSource(_Strict):
     """One entry of ``datasets``: where rows come from and how to read them."""
 
-    path: str = Field(description="Local file (.json/.jsonl) or a hub dataset id.")
-    type: DatasetType = Field("auto", description="Row format; 'auto' detects it from the columns.")
+    path: str = Field(
+        description="A file, a quoted glob, a directory, a saved dataset, a LLaMA-Factory "
+        "dataset_info.json, or a hub id (optionally id:split)."
+    )
+    type: DatasetType = Field("auto", description="Row format; 'auto' detects it per file.")
     split: str = Field("train", description="Split to read from a hub dataset.")
+    max_examples: int | None = Field(None, ge=1, description="Use at most this many rows.")
+    format_file: str | None = Field(
+        None, description="A text-generation-webui format file (JSON of column sets)."
+    )
+    data_template: str | None = Field(
+        None, description="Jinja data template with {{column}}; the last column is the response."
+    )
+    field_messages: str | None = Field(None, description="Column holding the conversation.")
+    message_property_mappings: dict[str, str] | None = Field(
+        None, description="Turn keys for 'role' and 'content', e.g. {role: from, content: value}."
+    )
+    cutoff_len: int | None = Field(
+        None, ge=8, description="Raw text: tokens per chunk (default sequence_len)."
+    )
+    overlap_len: int = Field(0, ge=0, description="Raw text: tokens shared by neighbouring chunks.")
+    newline_favor_len: int = Field(
+        0, ge=0, description="Raw text: move a cut up to this many characters to a newline."
+    )
+    hard_cut_string: str = Field(
+        "\n\n\n", description="Raw text: split here first; no chunk contains or crosses it."
+    )
 
 
 class ModelSection(_Strict):
@@ -85,6 +120,24 @@ class DataSection(_Strict):
     )
     val_set_size: float = Field(
         0.1, ge=0.0, description="Held-out share for validation (0-1) or a row count (>= 1)."
+    )
+    max_examples: int | None = Field(
+        None, ge=1, description="Use at most this many examples from all sources together."
+    )
+    dataset_exact_deduplication: bool = Field(
+        True, description="Drop examples that are exact copies of an earlier one."
+    )
+    shuffle_merged_datasets: bool = Field(True, description="Shuffle examples from all sources.")
+    chat_template: str | None = Field(
+        None,
+        description="A template name (chatml, llama3, gemma, alpaca, vicuna) or a Jinja "
+        "file; default the model's own.",
+    )
+    default_system_message: str | None = Field(
+        None, description="System message for conversations that have none."
+    )
+    excess_length_strategy: Literal["truncate", "drop"] = Field(
+        "truncate", description="What to do with samples longer than sequence_len."
     )
 
     @field_validator("val_set_size")

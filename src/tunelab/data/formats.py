@@ -1,16 +1,30 @@
-"""Input formats: each is a pure function from one row to a list of chat messages.
+"""Input formats: each is a pure function from one row to a sample.
 
-Nothing after this module knows which format a row came in. ``auto`` picks a format
-from a file's columns, trying the entries of :data:`FORMATS` in order.
+A sample is either a conversation (a list of messages with roles system, user,
+assistant and tool) or a :class:`TextSample` for plain text. Nothing after this module
+knows which format a row came in. ``auto`` picks a format from a file's columns, trying
+the entries of :data:`FORMATS` in order.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class TextSample:
+    """Plain text in parts; each part is trained or not (completion prompts are not)."""
+
+    parts: tuple[tuple[str, bool], ...]
+    eos: bool = True  # end with the EOS token (complete documents); raw chunks do not
+
+
+Sample = list[Message] | TextSample
 
 
 class RowError(ValueError):
@@ -21,15 +35,157 @@ class RowError(ValueError):
         self.key = key
 
 
+@dataclass(frozen=True)
+class Mapping:
+    """How a conversation column is laid out (ShareGPT, OpenAI or a user's own names)."""
+
+    messages: str = "conversations"
+    role: str = "from"
+    content: str = "value"
+    system: str = "system"
+    tools: str = "tools"
+    roles: dict[str, str] = field(default_factory=dict)  # extra role names -> ours
+
+
+ROLE_NAMES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "function_call": "function_call",
+    "observation": "tool",
+    "tool": "tool",
+    "function": "tool",
+    "ipython": "tool",
+}
+
+SHAREGPT = Mapping()
+OPENAI = Mapping(messages="messages", role="role", content="content")
+
+
 def _text(row: dict[str, Any], key: str, required: bool) -> str:
     value = row.get(key)
-    if value is None:
+    if value is None or (value == "" and not required):
         if required:
             raise RowError(key, "is missing")
         return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
     if not isinstance(value, str):
         raise RowError(key, f"must be text, found {type(value).__name__}")
     return value
+
+
+def _response(row: dict[str, Any], key: str) -> str:
+    text = _text(row, key, required=True)
+    if not text.strip():
+        raise RowError(key, "is empty: there is no response to train on")
+    return text
+
+
+def check_turns(messages: list[Message], key: str) -> list[Message]:
+    """Roles must alternate: [system] user assistant (user assistant)...; a tool result
+    follows an assistant tool call and precedes an assistant turn; it ends with the assistant."""
+    allowed = {
+        None: {"system", "user"},
+        "system": {"user"},
+        "user": {"assistant"},
+        "assistant": {"user", "tool"},
+        "tool": {"assistant", "tool"},
+    }
+    previous = None
+    for i, m in enumerate(messages, start=1):
+        if m["role"] not in allowed[previous]:
+            after = f"after '{previous}'" if previous else "at the start"
+            raise RowError(key, f"turn {i} is '{m['role']}' {after}: roles must alternate")
+        previous = m["role"]
+    if previous != "assistant":
+        raise RowError(key, "must end with an assistant turn (nothing to train on otherwise)")
+    return messages
+
+
+def _tools_text(tools: Any) -> str:
+    if isinstance(tools, str):
+        return tools.strip()
+    return json.dumps(tools, ensure_ascii=False)
+
+
+def _with_tools(messages: list[Message], tools: Any) -> list[Message]:
+    """Tool definitions go into the system message, where every chat template shows them."""
+    text = _tools_text(tools) if tools else ""
+    if not text or text in ("[]", "{}"):
+        return messages
+    note = f"You can call these tools:\n{text}"
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{messages[0]['content']}\n\n{note}"}, *messages[1:]]
+    return [{"role": "system", "content": note}, *messages]
+
+
+def _call_text(calls: list[Any]) -> str:
+    out = []
+    for call in calls:
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or "name" not in fn:
+            raise RowError("tool_calls", "each call needs a function name")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                pass
+        out.append(json.dumps({"name": fn["name"], "arguments": args}, ensure_ascii=False))
+    return "\n".join(out)
+
+
+def _content(item: dict[str, Any], mapping: Mapping) -> str:
+    value = item.get(mapping.content)
+    if isinstance(value, list):  # OpenAI content parts
+        value = "".join(p.get("text", "") for p in value if isinstance(p, dict))
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise RowError(mapping.content, f"must be text, found {type(value).__name__}")
+    calls = item.get("tool_calls")
+    if calls:
+        value = (value + "\n" if value.strip() else "") + _call_text(calls)
+    return value
+
+
+def conversation_to_messages(row: dict[str, Any], mapping: Mapping) -> list[Message]:
+    """A list of turns (ShareGPT ``from``/``value``, OpenAI ``role``/``content``, or mapped)."""
+    turns = row.get(mapping.messages)
+    if not isinstance(turns, list) or not turns:
+        raise RowError(mapping.messages, "must be a non-empty list of turns")
+    first = turns[0] if isinstance(turns[0], dict) else {}
+    if mapping.role not in first:  # the other common layout under the same column name
+        for other in (SHAREGPT, OPENAI):
+            if other.role in first and other.content in first:
+                mapping = Mapping(mapping.messages, other.role, other.content, mapping.system,
+                                  mapping.tools, mapping.roles)  # fmt: skip
+    names = {**ROLE_NAMES, **mapping.roles}
+    messages: list[Message] = []
+    system = row.get(mapping.system)
+    if isinstance(system, str) and system.strip():
+        messages.append({"role": "system", "content": system})
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise RowError(mapping.messages, "must be a list of objects")
+        raw_role = turn.get(mapping.role)
+        role = names.get(raw_role) if isinstance(raw_role, str) else None
+        if role is None:
+            raise RowError(
+                mapping.role, f"has an unknown role {raw_role!r}; known: {sorted(names)}"
+            )
+        content = _content(turn, mapping)
+        if role == "function_call":  # an assistant turn that calls a tool
+            role = "assistant"
+        if role == "assistant" and not content.strip():
+            raise RowError(mapping.content, "of an assistant turn is empty")
+        messages.append({"role": role, "content": content})
+    return check_turns(_with_tools(messages, row.get(mapping.tools)), mapping.messages)
 
 
 def alpaca_to_messages(row: dict[str, Any]) -> list[Message]:
@@ -40,11 +196,9 @@ def alpaca_to_messages(row: dict[str, Any]) -> list[Message]:
     """
     instruction = _text(row, "instruction", required=True)
     extra = _text(row, "input", required=False)
-    output = _text(row, "output", required=True)
+    output = _response(row, "output")
     if not instruction.strip() and not extra.strip():
         raise RowError("instruction", "is empty")
-    if not output.strip():
-        raise RowError("output", "is empty")
     messages: list[Message] = []
     system = _text(row, "system", required=False)
     if system.strip():
@@ -61,13 +215,37 @@ def alpaca_to_messages(row: dict[str, Any]) -> list[Message]:
             {"role": "user", "content": turn[0]},
             {"role": "assistant", "content": turn[1]},
         ]
-    prompt = (
-        f"{instruction}\n\n{extra}"
-        if instruction.strip() and extra.strip()
-        else instruction + extra
-    )
+    prompt = "\n\n".join(p for p in (instruction, extra) if p.strip())
     messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
     return messages
+
+
+def qa_to_messages(row: dict[str, Any]) -> list[Message]:
+    """``question`` (after ``context`` if given) -> user, ``answer`` -> assistant."""
+    question = _text(row, "question", required=True)
+    context = _text(row, "context", required=False)
+    prompt = f"{context}\n\n{question}" if context.strip() else question
+    return [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": _response(row, "answer")},
+    ]
+
+
+def completion_to_text(row: dict[str, Any]) -> TextSample:
+    """``prompt`` (not trained) followed directly by ``completion`` (trained)."""
+    return TextSample(((_text(row, "prompt", True), False), (_response(row, "completion"), True)))
+
+
+def text_to_text(row: dict[str, Any]) -> TextSample:
+    """A ``text`` column: the whole text is trained."""
+    return TextSample(((_response(row, "text"), True),))
+
+
+def vision_row(row: dict[str, Any]) -> list[Message]:
+    raise RowError(
+        "image", "rows are image + caption pairs, which need a multimodal base model and "
+        "a vision pipeline; this version trains text-only models"
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -76,14 +254,28 @@ class Format:
 
     name: str
     required: tuple[str, ...]
-    to_messages: Callable[[dict[str, Any]], list[Message]]
+    convert: Callable[[dict[str, Any]], Sample]
+    description: str
 
 
 # Detection order for ``type: auto``: the first format whose required columns are all
-# present wins.
+# present in a file wins.
 FORMATS: dict[str, Format] = {
-    "alpaca": Format("alpaca", ("instruction", "output"), alpaca_to_messages),
-}
+    f.name: f
+    for f in (
+        Format("openai", ("messages",), lambda r: conversation_to_messages(r, OPENAI),
+               "messages: [{role, content}], tool_calls and tool turns"),
+        Format("sharegpt", ("conversations",), lambda r: conversation_to_messages(r, SHAREGPT),
+               "conversations: [{from, value}], human/gpt/system/function_call/observation"),
+        Format("alpaca", ("instruction", "output"), alpaca_to_messages,
+               "instruction, input, output (+ system, history)"),
+        Format("qa", ("question", "answer"), qa_to_messages, "question, answer (+ context)"),
+        Format("completion", ("prompt", "completion"), completion_to_text,
+               "prompt (not trained), completion (trained)"),
+        Format("vision", ("image", "caption"), vision_row, "image, caption (multimodal models)"),
+        Format("text", ("text",), text_to_text, "text: the whole text is trained"),
+    )
+}  # fmt: skip
 
 
 def detect_format(columns: Iterable[str]) -> Format | None:

@@ -6,26 +6,45 @@ row or line, and the key.
 
 from __future__ import annotations
 
-import hashlib
+import json
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from tunelab.config.locations import data_path_problem
 from tunelab.config.schema import DatasetSource, TuneConfig
-from tunelab.data.formats import FORMATS, Format, Message, RowError, describe_formats, detect_format
-from tunelab.data.rows import Row, read_hub_rows, read_json_rows
-from tunelab.data.tokenize import IGNORE_INDEX, TemplateError, render_segments, tokenize_segments
+from tunelab.data.chunking import chunk_text
+from tunelab.data.formats import (
+    FORMATS,
+    OPENAI,
+    Mapping,
+    RowError,
+    Sample,
+    TextSample,
+    conversation_to_messages,
+    describe_formats,
+    detect_format,
+)
+from tunelab.data.sources import Table, expand, reduce_preferences
+from tunelab.data.templates import DataTemplate, FormatFile, apply_chat_template
+from tunelab.data.tokenize import IGNORE_INDEX, TemplateError, sample_segments, tokenize_segments
 from tunelab.errors import DataError
 
 
 @dataclass(frozen=True)
-class Example:
-    """One conversation and where it came from."""
+class RawText:
+    """A document to be cut into chunks once a tokenizer is at hand."""
 
-    messages: list[Message]
+    text: str
+    source: DatasetSource
+
+
+@dataclass(frozen=True)
+class Example:
+    """One sample and where it came from."""
+
+    sample: Sample | RawText
     source: str
     where: str
 
@@ -35,7 +54,15 @@ class SourceReport:
     path: str
     format: str
     rows: int
-    sha256: str | None  # None for hub datasets
+    sha256: str | None  # None for hub and saved datasets
+
+
+@dataclass
+class LoadedData:
+    examples: list[Example]
+    sources: list[SourceReport]
+    duplicates: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -44,36 +71,62 @@ class PreparedData:
     eval: list[dict[str, list[int]]]
     sources: list[SourceReport]
     stats: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _columns(table: Table) -> set[str]:
+    return {key for row in table.rows[:100] for key in row.data}
 
 
-def _choose_format(source: DatasetSource, rows: list[Row], name: str) -> Format:
-    if source.type != "auto":
-        return FORMATS[source.type]
-    columns = sorted({key for row in rows[:100] for key in row.data})
-    fmt = detect_format(columns)
-    if fmt is None:
-        raise DataError(
-            f"{name}: cannot tell the format from its columns {columns}",
-            f"this version reads: {describe_formats()}; "
-            "rename the columns or set the dataset's type",
+def _converter(source: DatasetSource, table: Table) -> tuple[str, Callable[[dict], Any]]:
+    """The format name and row converter for one table of a source."""
+    if source.format_file:
+        return "format_file", FormatFile(source.format_file)
+    if source.data_template:
+        template = DataTemplate(source.data_template)
+        template.check_columns(_columns(table), table.name)
+        return "data_template", template
+    if source.type == "chat_template" or source.field_messages or source.message_property_mappings:
+        props = source.message_property_mappings or {}
+        mapping = Mapping(
+            messages=source.field_messages or "messages",
+            role=props.get("role", OPENAI.role),
+            content=props.get("content", OPENAI.content),
         )
-    return fmt
+        return "chat_template", lambda row: conversation_to_messages(row, mapping)
+    name = source.type if source.type != "auto" else table.format
+    if name is None:
+        fmt = detect_format(_columns(table))
+        if fmt is None:
+            raise DataError(
+                f"{table.name}: cannot tell the format from its columns {sorted(_columns(table))}",
+                f"known formats: {describe_formats()}; rename the columns or set the type",
+            )
+        name = fmt.name
+    if name in ("sharegpt", "openai") and table.mapping is not None:
+        mapping = table.mapping
+        return name, lambda row: conversation_to_messages(row, mapping)
+    if name == "raw":
+        return "raw", lambda row: RawText(row.get("text") or "", source)
+    return name, FORMATS[name].convert
 
 
-def _convert(rows: list[Row], fmt: Format, name: str) -> list[Example]:
-    examples, failures = [], Counter()
-    first: dict[str, str] = {}
+def _with_system(sample: Any, system: str | None) -> Any:
+    if system and isinstance(sample, list) and sample[0]["role"] != "system":
+        return [{"role": "system", "content": system}, *sample]
+    return sample
+
+
+def _convert(table: Table, source: DatasetSource, system: str | None) -> tuple[str, list[Example]]:
+    name, convert = _converter(source, table)
+    rows = table.rows[: source.max_examples]
+    if name == "raw" and table.text is not None:  # a whole .txt file is one document
+        return name, [Example(RawText(table.text, source), table.name, "the whole file")]
+    examples, failures, first = [], Counter(), {}
     for row in rows:
         try:
-            examples.append(Example(fmt.to_messages(row.data), name, row.where))
+            sample = _with_system(convert(row.data), system)
+            examples.append(Example(sample, table.name, row.where))
         except RowError as exc:
             failures[str(exc)] += 1
             first.setdefault(str(exc), row.where)
@@ -83,107 +136,144 @@ def _convert(rows: list[Row], fmt: Format, name: str) -> list[Example]:
             for problem, count in failures.most_common()
         ]
         raise DataError(
-            f"{name}: {sum(failures.values())} of {len(rows)} rows "
-            f"cannot be read as {fmt.name}:\n  " + "\n  ".join(lines),
-            f"every {fmt.name} row needs {', '.join(repr(c) for c in fmt.required)} as text",
+            f"{table.name}: {sum(failures.values())} of {len(rows)} rows "
+            f"cannot be read as {name}:\n  " + "\n  ".join(lines),
+            "fix those rows, or set the dataset's type if the format was detected wrongly",
         )
-    return examples
+    return name, examples
 
 
-def load_examples(
-    config: TuneConfig, read_hub: bool = True
-) -> tuple[list[Example], list[SourceReport]]:
+def _key(sample: Any) -> str:
+    if isinstance(sample, RawText):
+        return "raw:" + sample.text
+    if isinstance(sample, TextSample):
+        return json.dumps(sample.parts)
+    return json.dumps(sample, sort_keys=True)
+
+
+def load_examples(config: TuneConfig, read_hub: bool = True) -> LoadedData:
     """Read and check every row of every source; no tokenizer or model needed.
 
     With ``read_hub=False`` hub datasets are skipped (nothing is downloaded).
     """
+    notes: list[str] = []
     examples: list[Example] = []
     reports: list[SourceReport] = []
     for source in config.datasets:
-        path = Path(source.path).expanduser()
-        problem = data_path_problem(source.path)
-        if problem:
-            raise DataError(problem)
-        if path.is_file():
-            rows, digest = read_json_rows(path), _sha256(path)
-        elif read_hub:
-            rows, digest = read_hub_rows(source.path, source.split), None
-        else:
-            continue
-        if not rows:
-            raise DataError(f"{source.path}: the dataset is empty (no rows)", "add examples to it")
-        fmt = _choose_format(source, rows, source.path)
-        examples += _convert(rows, fmt, source.path)
-        name = str(path.resolve()) if digest else source.path
-        reports.append(SourceReport(name, fmt.name, len(rows), digest))
-    return examples, reports
+        for table in expand(source.path, source.split, notes, read_hub):
+            if not table.rows and not (table.text or "").strip():
+                raise DataError(f"{table.name}: the dataset is empty (no rows)", "add examples")
+            reduce_preferences(table)
+            if table.preference:
+                notes.append(f"{table.name}: preference pairs; training on the chosen answers")
+            name, converted = _convert(table, source, config.default_system_message)
+            examples += converted
+            reports.append(SourceReport(table.name, name, len(table.rows), table.sha256))
+    duplicates = 0
+    if config.dataset_exact_deduplication:
+        seen: set[str] = set()
+        unique = []
+        for ex in examples:
+            key = _key(ex.sample)
+            if key not in seen:
+                seen.add(key)
+                unique.append(ex)
+        duplicates, examples = len(examples) - len(unique), unique
+    if config.shuffle_merged_datasets:
+        random.Random(config.seed).shuffle(examples)
+    if config.max_examples:
+        examples = examples[: config.max_examples]
+    return LoadedData(examples, reports, duplicates, notes)
 
 
 def split_examples(examples: list[Example], val_set_size: float, seed: int) -> tuple[list, list]:
-    """Shuffle with ``seed`` and hold out a share (< 1) or a count (>= 1) for validation."""
+    """Hold out a share (< 1) or a count (>= 1) for validation, chosen with ``seed``."""
     order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
+    random.Random(seed + 1).shuffle(order)
     n_val = int(val_set_size) if val_set_size >= 1 else int(len(examples) * val_set_size)
     if n_val >= len(examples):
         raise DataError(
             f"val_set_size {val_set_size} leaves no rows to train on ({len(examples)} rows in all)",
             "use a smaller val_set_size",
         )
-    val = [examples[i] for i in order[:n_val]]
-    train = [examples[i] for i in order[n_val:]]
-    return train, val
+    held = set(order[:n_val])
+    return (
+        [ex for i, ex in enumerate(examples) if i not in held],
+        [ex for i, ex in enumerate(examples) if i in held],
+    )
+
+
+def _samples(ex: Example, tokenizer: Any, sequence_len: int) -> list[Any]:
+    if not isinstance(ex.sample, RawText):
+        return [ex.sample]
+    s = ex.sample.source
+    chunks = chunk_text(
+        ex.sample.text, tokenizer, s.cutoff_len or sequence_len, s.overlap_len,
+        s.newline_favor_len, s.hard_cut_string,
+    )  # fmt: skip
+    return [TextSample(((chunk, True),), eos=False) for chunk in chunks]
 
 
 def tokenize_examples(
-    examples: list[Example], tokenizer: Any, sequence_len: int, train_on_inputs: bool
+    examples: list[Example], tokenizer: Any, config: TuneConfig
 ) -> tuple[list[dict[str, list[int]]], Counter]:
-    """Token ids, attention mask and labels; samples past ``sequence_len`` are cut."""
+    """Token ids, attention mask and labels; samples past ``sequence_len`` cut or dropped."""
     out, counts = [], Counter()
+    limit = config.sequence_len
     for ex in examples:
-        try:
-            segments = render_segments(ex.messages, tokenizer, train_on_inputs)
-        except TemplateError as exc:
-            raise DataError(f"{ex.source}: {ex.where}: {exc}") from None
-        ids, labels = tokenize_segments(segments, tokenizer)
-        if len(ids) > sequence_len:
-            counts["truncated"] += 1
-            ids, labels = ids[:sequence_len], labels[:sequence_len]
-        if all(label == IGNORE_INDEX for label in labels[1:]):
-            counts["dropped"] += 1  # nothing left to learn from after the cut
-            continue
-        counts["tokens"] += len(ids)
-        counts["trained_tokens"] += sum(label != IGNORE_INDEX for label in labels[1:])
-        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+        for sample in _samples(ex, tokenizer, limit):
+            try:
+                segments = sample_segments(sample, tokenizer, config.train_on_inputs)
+            except TemplateError as exc:
+                raise DataError(f"{ex.source}: {ex.where}: {exc}") from None
+            ids, labels = tokenize_segments(segments, tokenizer)
+            if len(ids) > limit:
+                if config.excess_length_strategy == "drop":
+                    counts["dropped"] += 1
+                    continue
+                counts["truncated"] += 1
+                ids, labels = ids[:limit], labels[:limit]
+            if all(label == IGNORE_INDEX for label in labels[1:]):
+                counts["dropped"] += 1  # nothing left to learn from after the cut
+                continue
+            counts["tokens"] += len(ids)
+            counts["trained_tokens"] += sum(label != IGNORE_INDEX for label in labels[1:])
+            out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
     return out, counts
 
 
-def prepare_data(config: TuneConfig, tokenizer: Any, examples_and_sources=None) -> PreparedData:
-    """The whole data step for a run. ``examples_and_sources`` reuses :func:`load_examples`."""
-    examples, sources = examples_and_sources or load_examples(config)
-    train_ex, val_ex = split_examples(examples, config.val_set_size, config.seed)
-    train, train_counts = tokenize_examples(
-        train_ex, tokenizer, config.sequence_len, config.train_on_inputs
-    )
-    val, val_counts = tokenize_examples(
-        val_ex, tokenizer, config.sequence_len, config.train_on_inputs
-    )
+def prepare_data(
+    config: TuneConfig, tokenizer: Any, loaded: LoadedData | None = None
+) -> PreparedData:
+    """The whole data step for a run. ``loaded`` reuses :func:`load_examples`."""
+    loaded = loaded or load_examples(config)
+    conversations = any(isinstance(ex.sample, list) for ex in loaded.examples)
+    if conversations or config.chat_template:
+        apply_chat_template(tokenizer, config.chat_template)
+    train_ex, val_ex = split_examples(loaded.examples, config.val_set_size, config.seed)
+    train, train_counts = tokenize_examples(train_ex, tokenizer, config)
+    val, val_counts = tokenize_examples(val_ex, tokenizer, config)
     if not train:
         raise DataError(
-            f"nothing left to train on: all {len(train_ex)} training samples lost their response "
-            f"when cut to sequence_len={config.sequence_len}",
-            "raise sequence_len or shorten the prompts",
+            f"nothing left to train on: all {len(train_ex)} training samples were dropped "
+            f"(longer than sequence_len={config.sequence_len}, or no response left after the cut)",
+            "raise sequence_len, use excess_length_strategy: truncate, or shorten the prompts",
         )
     counts = train_counts + val_counts
-    lengths = [len(x["input_ids"]) for x in train]
+    lengths = sorted(len(x["input_ids"]) for x in train)
     stats = {
-        "rows": len(examples),
+        "rows": sum(s.rows for s in loaded.sources),
+        "duplicates": loaded.duplicates,
+        "examples": len(loaded.examples),
         "train_samples": len(train),
         "eval_samples": len(val),
         "truncated": counts["truncated"],
         "dropped": counts["dropped"],
         "train_tokens": train_counts["tokens"],
         "trained_tokens": train_counts["trained_tokens"],
-        "max_length": max(lengths),
+        "min_length": lengths[0],
+        "median_length": lengths[len(lengths) // 2],
+        "max_length": lengths[-1],
         "mean_length": round(sum(lengths) / len(lengths), 1),
     }
-    return PreparedData(train, val, sources, stats)
+    return PreparedData(train, val, loaded.sources, stats, loaded.notes)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tunelab.data.formats import Message
+from tunelab.data.formats import Message, Sample, TextSample
 
 IGNORE_INDEX = -100
 
@@ -28,9 +28,12 @@ class Segment:
 
 
 def _render(tokenizer: Any, messages: list[Message], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation_prompt
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except Exception as exc:  # jinja raises TemplateError, and templates raise their own
+        raise TemplateError(f"the chat template cannot render this conversation: {exc}") from None
 
 
 def _ends_with_special(text: str, tokenizer: Any) -> bool:
@@ -71,6 +74,16 @@ def render_segments(
     if not whole.startswith(done):
         raise TemplateError("the rendered conversation does not continue its turns")
     segments.append(Segment(whole[len(done) :], train_on_inputs))
+    return [s for s in segments if s.text]
+
+
+def sample_segments(sample: Sample, tokenizer: Any, train_on_inputs: bool) -> list[Segment]:
+    """Segments of a conversation (via the chat template) or of plain text."""
+    if not isinstance(sample, TextSample):
+        return render_segments(sample, tokenizer, train_on_inputs)
+    segments = [Segment(text, trained or train_on_inputs) for text, trained in sample.parts]
+    if sample.eos and tokenizer.eos_token:
+        segments.append(Segment(tokenizer.eos_token, True))
     return [s for s in segments if s.text]
 
 

@@ -19,7 +19,7 @@ import yaml
 
 from tunelab.config import LoadedConfig, TuneConfig, resolved_dict
 from tunelab.config.locations import resolve_model
-from tunelab.data.prepare import PreparedData, SourceReport, load_examples, prepare_data
+from tunelab.data.prepare import PreparedData, load_examples, prepare_data
 from tunelab.train import artifacts
 from tunelab.train.models import load_model, load_tokenizer, model_location
 from tunelab.train.preflight import Plan, detect_hardware, preflight
@@ -94,19 +94,24 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _describe_data(log: RunLog, sources: Sequence[SourceReport], data: PreparedData) -> None:
-    for s in sources:
+def _describe_data(log: RunLog, data: PreparedData) -> None:
+    for note in data.notes:
+        log(f"note: {note}")
+    for s in data.sources:
         log(f"data: {s.path} ({s.format}, {s.rows} rows)")
     st = data.stats
+    extra = [
+        f"{st[key]} {label}"
+        for key, label in (
+            ("duplicates", "duplicates removed"), ("truncated", "truncated"),
+            ("dropped", "dropped (too long, or nothing left to train after the cut)"),
+        )
+        if st[key]
+    ]  # fmt: skip
     log(
         f"data: {st['train_samples']} training / {st['eval_samples']} validation samples, "
         f"{st['trained_tokens']} of {st['train_tokens']} tokens trained, longest {st['max_length']}"
-        + (f", {st['truncated']} truncated" if st["truncated"] else "")
-        + (
-            f", {st['dropped']} dropped (nothing left to train after the cut)"
-            if st["dropped"]
-            else ""
-        )
+        + "".join(f", {e}" for e in extra)
     )
 
 
@@ -168,14 +173,14 @@ def prepare(
         log(f"note: {note}")
     check_output_dir(output_dir, overwrite)
     plan = preflight(config, detect_hardware())
-    examples, sources = load_examples(config)
+    loaded_data = load_examples(config)
 
     ref = resolve_model(config.base_model)
     log(f"model: {ref.describe()}")
     location = model_location(ref, log)
     tokenizer = load_tokenizer(location, ref)
-    data = prepare_data(config, tokenizer, (examples, sources))
-    _describe_data(log, sources, data)
+    data = prepare_data(config, tokenizer, loaded_data)
+    _describe_data(log, data)
     model = load_model(location, ref, torch_dtype(plan, config), quantization(config, plan))
     samples = [Sample(p, generate(model, tokenizer, p)) for p in sample_prompts]
 

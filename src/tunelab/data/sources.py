@@ -1,0 +1,335 @@
+"""Where rows come from: files, globs, directories, saved datasets, registries, the hub.
+
+A ``datasets`` entry's ``path`` expands into :class:`Table` objects, one per file or
+dataset, each with its rows (and where each row came from) and, when the source says
+so, the format its rows are in.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunelab.config.locations import REGISTRY, split_paths
+from tunelab.data.formats import Mapping
+from tunelab.errors import DataError
+
+FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One record and its place: ``where`` reads 'line 12' (JSONL, CSV) or 'row 3'."""
+
+    data: dict[str, Any]
+    where: str
+
+
+@dataclass
+class Table:
+    name: str  # a file path or a dataset id, for messages
+    rows: list[Row]
+    sha256: str | None = None
+    format: str | None = None  # known from the source (registry, .txt); else detected
+    mapping: Mapping | None = None  # conversation layout from a registry
+    text: str | None = None  # a whole .txt file, for raw text
+    preference: bool = False  # preference pairs, reduced to their chosen answers
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- files -------------------------------------------------------------------------
+
+
+def _jsonl(path: Path, text: str) -> list[Row]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path}:{number}: invalid JSON on line {number} ({exc.msg}, column {exc.colno})",
+                "each line of a .jsonl file must be one complete JSON object",
+            ) from None
+        if not isinstance(item, dict):
+            raise DataError(
+                f"{path}:{number}: line {number} is {type(item).__name__}, not an object"
+            )
+        rows.append(Row(item, f"line {number}"))
+    return rows
+
+
+def read_json(path: Path) -> list[Row]:
+    """Rows of a JSON array file or a JSON-lines file; bad syntax names file and line."""
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".jsonl":
+        return _jsonl(path, text)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and text.lstrip().startswith("{"):
+            return _jsonl(path, text)  # JSON lines in a .json file
+        raise DataError(
+            f"{path}:{exc.lineno}: invalid JSON ({exc.msg}, column {exc.colno})",
+            "fix the file at that line; JSON-lines files should end in .jsonl",
+        ) from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of objects, found {type(data).__name__}")
+    rows = []
+    for i, item in enumerate(data, start=1):
+        if not isinstance(item, dict):
+            raise DataError(f"{path}: row {i} is {type(item).__name__}, expected an object")
+        rows.append(Row(item, f"row {i}"))
+    return rows
+
+
+def read_csv(path: Path) -> list[Row]:
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            return []
+        rows = []
+        for record in reader:
+            if None in record:
+                raise DataError(f"{path}:{reader.line_num}: more values than columns on this line")
+            rows.append(Row(dict(record), f"line {reader.line_num}"))
+    return rows
+
+
+def read_parquet(path: Path) -> list[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises its own error types
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    return [Row(item, f"row {i}") for i, item in enumerate(table.to_pylist(), start=1)]
+
+
+def read_txt(path: Path) -> Table:
+    """A .txt file: one example per non-empty line (``text``), or the whole text (``raw``)."""
+    text = path.read_text(encoding="utf-8-sig")
+    rows = [
+        Row({"text": line}, f"line {n}")
+        for n, line in enumerate(text.splitlines(), start=1)
+        if line.strip()
+    ]
+    return Table(str(path), rows, sha256(path), "text", text=text)
+
+
+def read_file(path: Path) -> Table:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return read_txt(path)
+    readers = {".json": read_json, ".jsonl": read_json, ".csv": read_csv, ".parquet": read_parquet}
+    if suffix not in readers:
+        raise DataError(
+            f"{path}: unsupported file type '{suffix}'",
+            f"use one of {', '.join(FILE_SUFFIXES)}",
+        )
+    return Table(str(path), readers[suffix](path), sha256(path))
+
+
+# --- saved datasets and the hub -------------------------------------------------------
+
+
+def _dataset_rows(ds: Any) -> list[Row]:
+    return [Row(dict(item), f"row {i}") for i, item in enumerate(ds, start=1)]
+
+
+def read_saved_dataset(path: Path, split: str) -> Table:
+    """A directory written by ``datasets.Dataset.save_to_disk`` (or a DatasetDict)."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: no split '{split}'; it has {sorted(ds)}")
+        ds = ds[split]
+    return Table(str(path), _dataset_rows(ds))
+
+
+def read_hub(dataset_id: str, split: str) -> Table:
+    """A hub dataset split (needs network access to the hub)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset_id, split=split)
+    except Exception as exc:  # the hub client raises many types; all mean "could not get it"
+        raise DataError(
+            f"could not load hub dataset '{dataset_id}' (split '{split}'): "
+            f"{type(exc).__name__}: {exc}",
+            "check the id and your network, or download it and give a local file",
+        ) from None
+    return Table(f"{dataset_id}:{split}", _dataset_rows(ds))
+
+
+# --- LLaMA-Factory registries -----------------------------------------------------------
+
+
+def _registry_table(folder: Path, name: str, entry: dict[str, Any]) -> Table:
+    table = read_file(folder / entry["file_name"])
+    formatting = entry.get("formatting", "alpaca")
+    columns = entry.get("columns", {})
+    if formatting == "alpaca" and set(columns) == {"prompt"}:  # pre-training text
+        column = columns["prompt"]
+        table.rows = [Row({"text": r.data.get(column)}, r.where) for r in table.rows]
+        table.format = "text"
+    elif formatting == "alpaca":
+        names = {"prompt": "instruction", "query": "input", "response": "output"}
+        renames = {columns[k]: v for k, v in names.items() if k in columns}
+        renames.update({columns[k]: k for k in ("system", "history") if k in columns})
+        if renames:
+            table.rows = [
+                Row({renames.get(k, k): v for k, v in r.data.items()}, r.where) for r in table.rows
+            ]
+        table.format = "alpaca"
+    elif formatting == "sharegpt":
+        tags = entry.get("tags", {})
+        roles = {
+            tags.get(f"{tag}_tag", default): ours
+            for tag, default, ours in (
+                ("user", "human", "user"), ("assistant", "gpt", "assistant"),
+                ("observation", "observation", "tool"),
+                ("function", "function_call", "function_call"),
+                ("system", "system", "system"),
+            )
+        }  # fmt: skip
+        table.mapping = Mapping(
+            messages=columns.get("messages", "conversations"),
+            role=tags.get("role_tag", "from"),
+            content=tags.get("content_tag", "value"),
+            system=columns.get("system", "system"),
+            tools=columns.get("tools", "tools"),
+            roles=roles,
+        )
+        table.format = "sharegpt"
+    else:
+        raise DataError(f"{folder / REGISTRY}: '{name}' has unknown formatting '{formatting}'")
+    if entry.get("ranking"):
+        table.rows = [_chosen_only(r, table.mapping or Mapping()) for r in table.rows]
+        table.preference = True
+    table.name = f"{table.name} ({name})"
+    return table
+
+
+def reduce_preferences(table: Table) -> None:
+    """Rows with ``chosen``/``rejected`` answers train on the chosen one (supervised)."""
+    columns = {key for row in table.rows[:100] for key in row.data}
+    if table.preference or not {"chosen", "rejected"} <= columns:
+        return
+    mapping = table.mapping or (
+        Mapping() if "conversations" in columns else Mapping("messages", "role", "content")
+    )
+    table.rows = [_chosen_only(r, mapping) for r in table.rows]
+    table.preference = True
+
+
+def _chosen_only(row: Row, mapping: Mapping) -> Row:
+    """A preference pair trains as supervised data: the conversation plus the chosen answer."""
+    data = dict(row.data)
+    chosen = data.pop("chosen", None)
+    data.pop("rejected", None)
+    if isinstance(chosen, dict):
+        data[mapping.messages] = [*data.get(mapping.messages, []), chosen]
+    elif isinstance(chosen, str):
+        data["output"] = chosen
+    return Row(data, row.where)
+
+
+def read_registry(registry: Path, names: list[str], notes: list[str]) -> list[Table]:
+    """Datasets named in a LLaMA-Factory ``dataset_info.json`` (all local ones if no names)."""
+    try:
+        entries = json.loads(registry.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{registry}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    unknown = [n for n in names if n not in entries]
+    if unknown:
+        raise DataError(f"{registry}: no dataset named {unknown}; it has {sorted(entries)}")
+    chosen = names or list(entries)
+    tables, skipped = [], []
+    for name in chosen:
+        entry = entries[name]
+        local = "file_name" in entry and (registry.parent / entry["file_name"]).is_file()
+        if not local:
+            if names:
+                raise DataError(f"{registry}: '{name}' has no local file here")
+            skipped.append(name)
+            continue
+        tables.append(_registry_table(registry.parent, name, entry))
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        notes.append(f"{registry}: skipped {len(skipped)} entries with no local file ({shown})")
+    return tables
+
+
+# --- expanding a path -----------------------------------------------------------------
+
+
+def _split_selector(path: str) -> tuple[str, list[str]]:
+    """``dir/dataset_info.json:a,b`` -> (``dir/dataset_info.json``, [a, b])."""
+    head, sep, tail = path.rpartition(":")
+    if sep and head.endswith(REGISTRY):
+        return head, [n.strip() for n in tail.split(",") if n.strip()]
+    return path, []
+
+
+def expand(path: str, split: str, notes: list[str], read_hub: bool = True) -> list[Table]:
+    """All tables a ``datasets`` path names; a path that names nothing is an error.
+
+    With ``read_hub=False`` hub ids give no table (nothing is downloaded).
+    """
+    tables: list[Table] = []
+    for part in split_paths(path):
+        tables += _expand_one(part, split, notes, read_hub)
+    return tables
+
+
+def _expand_one(part: str, split: str, notes: list[str], read_hub: bool) -> list[Table]:
+    part, names = _split_selector(part)
+    p = Path(part).expanduser()
+    if any(ch in part for ch in "*?["):
+        matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
+        if not matches:
+            raise DataError(f"'{part}': no files match this pattern")
+        return [read_file(m) for m in matches]
+    if p.is_file():
+        if p.name == REGISTRY:
+            return read_registry(p, names, notes)
+        return [read_file(p)]
+    if p.is_dir():
+        if (p / "state.json").is_file() or (p / "dataset_dict.json").is_file():
+            return [read_saved_dataset(p, split)]
+        if (p / REGISTRY).is_file():
+            return read_registry(p / REGISTRY, names, notes)
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in FILE_SUFFIXES)
+        if not files:
+            raise DataError(
+                f"{part}: the directory holds no data files ({', '.join(FILE_SUFFIXES)})"
+            )
+        return [read_file(f) for f in files]
+    from tunelab.config.locations import data_path_problem
+
+    problem = data_path_problem(part)
+    if problem:
+        raise DataError(problem)
+    dataset_id, _, hub_split = part.partition(":")
+    if not read_hub:
+        notes.append(f"{part}: hub dataset, read when training")
+        return []
+    return [read_hub(dataset_id, hub_split or split)]

@@ -1,0 +1,184 @@
+"""Every input format: exact messages or text, and exact trained parts."""
+
+import json
+
+import pytest
+
+from tunelab.config import load_config
+from tunelab.data.formats import FORMATS, RowError, TextSample, detect_format
+from tunelab.data.prepare import load_examples, prepare_data
+from tunelab.data.tokenize import IGNORE_INDEX, sample_segments, tokenize_segments
+from tunelab.errors import ConfigError, DataError
+
+
+def trained_text(sample, tokenizer, train_on_inputs=False):
+    segments = sample_segments(sample, tokenizer, train_on_inputs)
+    ids, labels = tokenize_segments(segments, tokenizer)
+    pairs = zip(ids, labels, strict=True)
+    return tokenizer.decode([i for i, lab in pairs if lab != IGNORE_INDEX]), segments
+
+
+def test_detection_order():
+    assert detect_format(["messages"]).name == "openai"
+    assert detect_format(["conversations", "tools"]).name == "sharegpt"
+    assert detect_format(["instruction", "input", "output"]).name == "alpaca"
+    assert detect_format(["question", "answer", "context"]).name == "qa"
+    assert detect_format(["prompt", "completion"]).name == "completion"
+    assert detect_format(["image", "caption"]).name == "vision"
+    assert detect_format(["text", "meta"]).name == "text"
+    assert detect_format(["instruction", "text"]).name == "text"
+    assert detect_format(["foo"]) is None
+
+
+def test_sharegpt_with_tools_and_function_calls(tiny_tokenizer):
+    row = {
+        "conversations": [
+            {"from": "human", "value": "Weather in Paris?"},
+            {
+                "from": "function_call",
+                "value": '{"name": "weather", "arguments": {"city": "Paris"}}',
+            },
+            {"from": "observation", "value": '{"temp": 20}'},
+            {"from": "gpt", "value": "It is 20 degrees."},
+        ],
+        "tools": '[{"name": "weather"}]',
+    }
+    messages = FORMATS["sharegpt"].convert(row)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert messages[0]["content"] == 'You can call these tools:\n[{"name": "weather"}]'
+    trained, segments = trained_text(messages, tiny_tokenizer)
+    assert trained == (
+        '{"name": "weather", "arguments": {"city": "Paris"}}<|im_end|>\n'
+        "It is 20 degrees.<|im_end|>\n"
+    )
+    untrained = "".join(s.text for s in segments if not s.trained)
+    assert '{"temp": 20}' in untrained and "Weather in Paris?" in untrained
+
+
+def test_openai_messages_with_tool_calls(tiny_tokenizer):
+    row = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Add 2 and 3."},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
+            {"role": "tool", "content": "5"},
+            {"role": "assistant", "content": [{"type": "text", "text": "It is 5."}]},
+        ]
+    }  # fmt: skip
+    messages = FORMATS["openai"].convert(row)
+    assert messages[2] == {
+        "role": "assistant",
+        "content": '{"name": "add", "arguments": {"a": 2, "b": 3}}',
+    }
+    trained, _ = trained_text(messages, tiny_tokenizer)
+    assert (
+        trained == '{"name": "add", "arguments": {"a": 2, "b": 3}}<|im_end|>\nIt is 5.<|im_end|>\n'
+    )
+
+
+def test_messages_column_with_sharegpt_turns():
+    row = {"messages": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    assert FORMATS["openai"].convert(row)[1] == {"role": "assistant", "content": "Hello"}
+
+
+@pytest.mark.parametrize(
+    "turns, problem",
+    [
+        ([("human", "a"), ("human", "b"), ("gpt", "c")], "turn 2 is 'user' after 'user'"),
+        ([("gpt", "a"), ("human", "b"), ("gpt", "c")], "turn 1 is 'assistant' at the start"),
+        ([("human", "a"), ("gpt", "b"), ("human", "c")], "must end with an assistant turn"),
+        ([("human", "a"), ("robot", "b")], "unknown role 'robot'"),
+        ([("human", "a"), ("gpt", " ")], "of an assistant turn is empty"),
+    ],
+)
+def test_conversation_problems(turns, problem):
+    row = {"conversations": [{"from": f, "value": v} for f, v in turns]}
+    with pytest.raises(RowError, match=problem):
+        FORMATS["sharegpt"].convert(row)
+
+
+def test_qa(tiny_tokenizer):
+    row = {"question": "Capital?", "answer": "Paris.", "context": "France is in Europe."}
+    messages = FORMATS["qa"].convert(row)
+    assert messages[0] == {"role": "user", "content": "France is in Europe.\n\nCapital?"}
+    assert trained_text(messages, tiny_tokenizer)[0] == "Paris.<|im_end|>\n"
+
+
+def test_completion_trains_only_the_completion(tiny_tokenizer):
+    sample = FORMATS["completion"].convert({"prompt": "The sky is", "completion": " blue."})
+    assert sample == TextSample((("The sky is", False), (" blue.", True)))
+    trained, segments = trained_text(sample, tiny_tokenizer)
+    assert trained == " blue.<|im_end|>"
+    assert "".join(s.text for s in segments) == "The sky is blue.<|im_end|>"
+
+
+def test_text_trains_everything_and_ends_with_eos(tiny_tokenizer):
+    sample = FORMATS["text"].convert({"text": "hello world"})
+    assert trained_text(sample, tiny_tokenizer)[0] == "hello world<|im_end|>"
+
+
+def test_vision_rows_are_a_clear_error():
+    with pytest.raises(RowError, match="multimodal base model"):
+        FORMATS["vision"].convert({"image": "a.jpg", "caption": "a cat"})
+
+
+def test_unknown_format_name_lists_the_known_ones(tmp_path):
+    data = tmp_path / "d.json"
+    data.write_text("[]")
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={"datasets": [{"path": str(data), "type": "alpacca"}]})
+    assert "datasets.0.type" in str(info.value) and "'sharegpt'" in str(info.value)
+
+
+def test_chat_template_type_with_property_mappings(tmp_path, tiny_tokenizer):
+    rows = [
+        {"dialog": [{"speaker": "user", "text": "Hi"}, {"speaker": "assistant", "text": "Hey"}]}
+    ]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(rows))
+    source = {
+        "path": str(path),
+        "type": "chat_template",
+        "field_messages": "dialog",
+        "message_property_mappings": {"role": "speaker", "content": "text"},
+    }
+    config = load_config(overrides={"datasets": [source], "val_set_size": 0}).config
+    data = load_examples(config)
+    assert data.examples[0].sample == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hey"},
+    ]
+
+
+def test_default_system_message(tmp_path, tiny_tokenizer):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"instruction": "Hi", "output": "Hello"}]))
+    config = load_config(
+        overrides={"datasets": [{"path": str(path)}], "default_system_message": "Be kind."}
+    ).config
+    assert load_examples(config).examples[0].sample[0] == {"role": "system", "content": "Be kind."}
+
+
+def test_named_chat_template_replaces_the_models(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"instruction": "Hi", "output": "Hello"}]))
+    overrides = {"datasets": [{"path": str(path)}], "val_set_size": 0, "chat_template": "vicuna"}
+    data = prepare_data(load_config(overrides=overrides).config, tokenizer)
+    ids, labels = data.train[0]["input_ids"], data.train[0]["labels"]
+    assert tokenizer.decode(ids) == "USER: Hi\nASSISTANT: Hello<|im_end|>\n"
+    trained = tokenizer.decode([i for i, lab in zip(ids, labels, strict=True) if lab != -100])
+    assert trained == " Hello<|im_end|>\n"
+
+
+def test_empty_response_names_row_and_key(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(
+        json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": ""}])
+    )
+    with pytest.raises(DataError) as info:
+        load_examples(load_config(overrides={"datasets": [{"path": str(path)}]}).config)
+    assert "'output' is empty" in info.value.message and "(first at row 2)" in info.value.message
