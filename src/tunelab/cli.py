@@ -21,6 +21,7 @@ DEMO_PROMPT = "What is your name?"
 # Named flags of `train` and `validate`: (flag, config key, type).
 CONFIG_FLAGS: list[tuple[str, str, Callable[[str], Any]]] = [
     ("--base-model", "base_model", str),
+    ("--model", "base_model", str),
     ("--output", "output_dir", str),
     ("--epochs", "num_epochs", float),
     ("--max-steps", "max_steps", int),
@@ -48,7 +49,10 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     )
     fields = TuneConfig.model_fields
     for flag, key, kind in CONFIG_FLAGS:
-        p.add_argument(flag, dest=key, type=kind, help=f"{fields[key].description} [{key}]")
+        help_text = (
+            f"{fields[key].description} [{key}]" if flag != "--model" else "same as --base-model"
+        )
+        p.add_argument(flag, dest=key, type=kind, help=help_text)
     p.add_argument(
         "--set",
         dest="sets",
@@ -106,6 +110,50 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _prepared(args: argparse.Namespace):
+    """Config, tokenizer and tokenized data, without loading the model's weights."""
+    from tunelab.config.locations import resolve_model
+    from tunelab.data.prepare import prepare_data
+    from tunelab.train.models import load_tokenizer, model_location
+
+    loaded = _load(args)
+    for note in loaded.notes:
+        _stderr(f"note: {note}")
+    ref = resolve_model(loaded.config.base_model)
+    tokenizer = load_tokenizer(model_location(ref, _stderr), ref)
+    return loaded.config, tokenizer, prepare_data(loaded.config, tokenizer)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from tunelab.data import inspect
+
+    _, tokenizer, data = _prepared(args)
+    rep = inspect.report(data, tokenizer, args.n)
+    if args.json:
+        print(inspect.dump_json(rep))
+    else:
+        inspect.print_report(rep)
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    if not any(s.startswith("dataset_prepared_path=") for s in args.sets):
+        args.sets.append("dataset_prepared_path=" + (args.prepared_path or "last_run_prepared"))
+    _, _, data = _prepared(args)
+    for note in data.notes:
+        _stderr(f"note: {note}")
+    st = data.stats
+    print(
+        f"prepared {st['train_samples']} training and {st['eval_samples']} validation samples "
+        f"({st['train_tokens']} tokens); train with the same settings to reuse them"
+    )
+    return 0
+
+
 def _print_samples(result) -> None:
     for s in result.samples:
         print(f"\nprompt: {s.prompt}\n  before training: {s.before}\n  after training:  {s.after}")
@@ -133,21 +181,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# "group name" entries are subcommands of a group (`tunelab data inspect`).
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "train": (cmd_train, "fine-tune a model on your data"),
     "validate": (cmd_validate, "check a config and its data without training"),
+    "data inspect": (cmd_inspect, "show what tunelab makes of a dataset, tokens and all"),
+    "preprocess": (cmd_preprocess, "tokenize the data once and keep it for training to reuse"),
     "demo": (cmd_demo, "train the built-in model on the bundled demo data"),
 }
+CONFIG_COMMANDS = ("train", "validate", "data inspect", "preprocess")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune open language models.")
     parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="group", required=True)
+    groups: dict[str, Any] = {}
     for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if name in ("train", "validate"):
+        group, _, leaf = name.partition(" ")
+        if leaf:
+            if group not in groups:
+                holder = sub.add_parser(group, help=f"{group} commands")
+                groups[group] = holder.add_subparsers(dest="leaf", required=True)
+            p = groups[group].add_parser(leaf, help=help_text, description=help_text)
+        else:
+            p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(command=name)
+        if name in CONFIG_COMMANDS:
             _add_config_options(p)
+        if name == "preprocess":
+            p.add_argument("--prepared-path", help="where to keep it (default: the config's "
+                           "dataset_prepared_path, else last_run_prepared)")  # fmt: skip
+        if name == "data inspect":
+            p.add_argument("-n", type=int, default=3, help="how many examples to show (default 3)")
+            p.add_argument("--json", action="store_true", help="print one JSON object")
         if name == "train":
             p.add_argument(
                 "--overwrite", action="store_true", help="replace a finished run in --output"
@@ -172,6 +239,9 @@ def _quiet_libraries() -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        import datasets
+
+        datasets.disable_progress_bars()
     except ImportError:  # pragma: no cover - a declared dependency
         pass
 

@@ -136,6 +136,9 @@ class DataSection(_Strict):
     default_system_message: str | None = Field(
         None, description="System message for conversations that have none."
     )
+    dataset_prepared_path: str | None = Field(
+        None, description="Keep the tokenized dataset here and reuse it while nothing changed."
+    )
     excess_length_strategy: Literal["truncate", "drop"] = Field(
         "truncate", description="What to do with samples longer than sequence_len."
     )

@@ -11,6 +11,7 @@ import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tunelab.config.schema import DatasetSource, TuneConfig
@@ -250,6 +251,24 @@ def prepare_data(
     conversations = any(isinstance(ex.sample, list) for ex in loaded.examples)
     if conversations or config.chat_template:
         apply_chat_template(tokenizer, config.chat_template)
+    if not config.dataset_prepared_path:
+        return tokenize_all(config, tokenizer, loaded)
+    from tunelab.data import cache
+
+    root = Path(config.dataset_prepared_path).expanduser()
+    key = cache.cache_key(config, loaded.sources, tokenizer)
+    data = cache.load(root, key)
+    if data is not None:
+        data.notes = [*loaded.notes, f"reused the prepared dataset in {root / key}"]
+        return data
+    data = tokenize_all(config, tokenizer, loaded)
+    where = cache.save(root, key, data)
+    data.notes.append(f"saved the prepared dataset in {where}")
+    return data
+
+
+def tokenize_all(config: TuneConfig, tokenizer: Any, loaded: LoadedData) -> PreparedData:
+    """Split and tokenize checked examples; the statistics describe the result."""
     train_ex, val_ex = split_examples(loaded.examples, config.val_set_size, config.seed)
     train, train_counts = tokenize_examples(train_ex, tokenizer, config)
     val, val_counts = tokenize_examples(val_ex, tokenizer, config)
@@ -276,4 +295,4 @@ def prepare_data(
         "max_length": lengths[-1],
         "mean_length": round(sum(lengths) / len(lengths), 1),
     }
-    return PreparedData(train, val, loaded.sources, stats, loaded.notes)
+    return PreparedData(train, val, loaded.sources, stats, list(loaded.notes))

@@ -1,0 +1,82 @@
+"""Prepared (tokenized) datasets kept on disk and reused while nothing they depend on changes.
+
+The key covers every data setting, each source file's SHA-256, the tokenizer and its
+chat template, and the tunelab version; any change makes a new entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tunelab import __version__
+from tunelab.config.schema import TuneConfig
+
+DATA_KEYS = (
+    "datasets", "sequence_len", "train_on_inputs", "val_set_size", "max_examples",
+    "dataset_exact_deduplication", "shuffle_merged_datasets", "chat_template",
+    "default_system_message", "excess_length_strategy", "seed",
+)  # fmt: skip
+
+
+def cache_key(config: TuneConfig, sources: list[Any], tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = {
+        "config": {k: config.model_dump(mode="json")[k] for k in DATA_KEYS},
+        "sources": [(s.path, s.format, s.rows, s.sha256) for s in sources],
+        "tokenizer": hashlib.sha256(backend.to_str().encode()).hexdigest()
+        if backend
+        else repr(tokenizer),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "special": [tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token],
+        "tunelab": __version__,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def load(root: Path, key: str):
+    """The prepared data stored under ``key``, or None."""
+    from datasets import load_from_disk
+
+    from tunelab.data.prepare import PreparedData, SourceReport
+
+    entry = root / key
+    if not (entry / "meta.json").is_file():
+        return None
+    meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
+    splits = {
+        name: load_from_disk(str(entry / name)).to_list() if (entry / name).is_dir() else []
+        for name in ("train", "eval")
+    }
+    sources = [SourceReport(**s) for s in meta["sources"]]
+    return PreparedData(splits["train"], splits["eval"], sources, meta["stats"], meta["notes"])
+
+
+def save(root: Path, key: str, data: Any) -> Path:
+    """Store ``data`` under ``key`` (written beside, then renamed into place)."""
+    from datasets import Dataset
+
+    root.mkdir(parents=True, exist_ok=True)
+    entry = root / key
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    try:
+        for name, rows in (("train", data.train), ("eval", data.eval)):
+            if rows:  # an empty split is simply absent
+                Dataset.from_list(rows).save_to_disk(str(staging / name))
+        meta = {
+            "sources": [asdict(s) for s in data.sources],
+            "stats": data.stats,
+            "notes": data.notes,
+        }
+        (staging / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        if entry.exists():
+            shutil.rmtree(entry)
+        staging.rename(entry)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return entry
