@@ -31,7 +31,7 @@ UNSUPPORTED: frozenset[str] = frozenset(
     flash_attn_fuse_qkv flash_attn_fuse_mlp sdp_attention s2_attention attn_implementation
     special_tokens tokens fsdp fsdp_config deepspeed ddp_timeout ddp_bucket_cap_mb
     ddp_broadcast_buffers wandb_project wandb_entity wandb_watch wandb_name wandb_run_id
-    wandb_log_model mlflow_tracking_uri mlflow_experiment_name sample_packing
+    wandb_log_model mlflow_tracking_uri mlflow_experiment_name
     eval_sample_packing pad_to_sequence_len loss_watchdog_threshold loss_watchdog_patience
     strict chat_template_jinja torch_compile
     resume_from_checkpoint auto_resume_from_checkpoints plugins liger_rope liger_rms_norm

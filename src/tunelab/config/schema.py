@@ -139,6 +139,9 @@ class DataSection(_Strict):
     dataset_prepared_path: str | None = Field(
         None, description="Keep the tokenized dataset here and reuse it while nothing changed."
     )
+    sample_packing: bool = Field(
+        False, description="Pack several samples into each row, with no attention across them."
+    )
     excess_length_strategy: Literal["truncate", "drop"] = Field(
         "truncate", description="What to do with samples longer than sequence_len."
     )

@@ -20,7 +20,7 @@ from tunelab.config.schema import TuneConfig
 DATA_KEYS = (
     "datasets", "sequence_len", "train_on_inputs", "val_set_size", "max_examples",
     "dataset_exact_deduplication", "shuffle_merged_datasets", "chat_template",
-    "default_system_message", "excess_length_strategy", "seed",
+    "default_system_message", "excess_length_strategy", "seed", "sample_packing",
 )  # fmt: skip
 
 

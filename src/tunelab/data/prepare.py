@@ -27,6 +27,7 @@ from tunelab.data.formats import (
     describe_formats,
     detect_format,
 )
+from tunelab.data.packing import efficiency, pack
 from tunelab.data.sources import Table, expand, reduce_preferences
 from tunelab.data.templates import DataTemplate, FormatFile, apply_chat_template
 from tunelab.data.tokenize import IGNORE_INDEX, TemplateError, sample_segments, tokenize_segments
@@ -280,6 +281,15 @@ def tokenize_all(config: TuneConfig, tokenizer: Any, loaded: LoadedData) -> Prep
         )
     counts = train_counts + val_counts
     lengths = sorted(len(x["input_ids"]) for x in train)
+    packing = {}
+    if config.sample_packing:
+        n_train = len(train)
+        train, val = pack(train, config.sequence_len), pack(val, config.sequence_len)
+        packing = {
+            "packed_rows": len(train),
+            "packing_efficiency": round(efficiency(train, config.sequence_len), 4),
+            "samples_per_row": round(n_train / len(train), 2),
+        }
     stats = {
         "rows": sum(s.rows for s in loaded.sources),
         "duplicates": loaded.duplicates,
@@ -294,5 +304,6 @@ def tokenize_all(config: TuneConfig, tokenizer: Any, loaded: LoadedData) -> Prep
         "median_length": lengths[len(lengths) // 2],
         "max_length": lengths[-1],
         "mean_length": round(sum(lengths) / len(lengths), 1),
+        **packing,
     }
     return PreparedData(train, val, loaded.sources, stats, list(loaded.notes))

@@ -81,9 +81,14 @@ def preflight(config: TuneConfig, hw: Hardware) -> Plan:
         precision = "fp32"
     if config.bf16 == "auto" and not config.fp16:
         reasons.append(f"precision {precision} ({'' if hw.bf16 else 'no '}bfloat16 on {hw.name})")
-    batch = config.micro_batch_size or (8 if gpu else 4)
+    if config.sample_packing:  # each row is already filled up to sequence_len
+        batch = config.micro_batch_size or 1
+        reason = "one packed row per step"
+    else:
+        batch = config.micro_batch_size or (8 if gpu else 4)
+        reason = f"default on {hw.device}"
     if config.micro_batch_size is None:
-        reasons.append(f"micro_batch_size {batch} (default on {hw.device})")
+        reasons.append(f"micro_batch_size {batch} ({reason})")
     if config.gradient_checkpointing == "auto":
         # Activation memory only matters on an accelerator; on CPU recomputing costs a
         # third of the throughput for memory that is rarely short.

@@ -89,7 +89,9 @@ def training_arguments(
         per_device_train_batch_size=plan.micro_batch_size,
         per_device_eval_batch_size=plan.micro_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        train_sampling_strategy=(
+            "group_by_length" if config.group_by_length and not config.sample_packing else "random"
+        ),
         num_train_epochs=config.num_epochs,
         max_steps=config.max_steps or -1,
         learning_rate=config.learning_rate_value,
@@ -116,12 +118,30 @@ def training_arguments(
         if plan.gradient_checkpointing
         else None,
         use_cpu=plan.hardware.device == "cpu",
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="all" if config.sample_packing else "non_padding",
         prediction_loss_only=True,
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+
+
+class PackedRowsCollator:
+    """Batches of packed rows -> one flat row (transformers' DataCollatorWithFlattening):
+    position ids restart per sample, so attention and loss stay within each sample."""
+
+    def __init__(self, flash_attention: bool = False) -> None:
+        from transformers import DataCollatorWithFlattening
+
+        self.flatten = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_attention)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        samples = [
+            {"input_ids": ids, "labels": labels}
+            for row in rows
+            for ids, labels in zip(row["input_ids"], row["labels"], strict=True)
+        ]
+        return self.flatten(samples)
 
 
 def build_trainer(
@@ -131,12 +151,19 @@ def build_trainer(
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, ProgressCallback, Trainer
 
+    from tunelab.data.packing import is_packed
+
+    if is_packed(train):
+        flash = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
+        collator: Any = PackedRowsCollator(flash)
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(train),
         eval_dataset=Dataset.from_list(evaluation) if evaluation else None,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
     )
