@@ -3,6 +3,7 @@
 import json
 
 from tunelab.cli import main
+
 from .conftest import MEMORISE
 
 
