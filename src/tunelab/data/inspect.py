@@ -6,6 +6,7 @@ import json
 from itertools import groupby
 from typing import Any
 
+from tunelab.data.packing import is_packed
 from tunelab.data.prepare import PreparedData
 from tunelab.data.tokenize import IGNORE_INDEX
 
@@ -23,13 +24,27 @@ def segments_of(item: dict[str, list[int]], tokenizer: Any) -> list[dict[str, An
     ]
 
 
+def _samples(rows: list[dict[str, Any]], n: int) -> list[dict[str, list[int]]]:
+    """The first ``n`` samples, taken out of their packed rows if packed."""
+    if not is_packed(rows):
+        return rows[:n]
+    flat = [
+        {"input_ids": ids, "labels": labels}
+        for row in rows
+        for ids, labels in zip(row["input_ids"], row["labels"], strict=True)
+    ]
+    return flat[:n]
+
+
 def report(data: PreparedData, tokenizer: Any, n: int) -> dict[str, Any]:
     """The inspection as one JSON-ready object."""
     return {
         "files": [{"path": s.path, "format": s.format, "rows": s.rows} for s in data.sources],
         "stats": data.stats,
         "notes": data.notes,
-        "examples": [{"segments": segments_of(item, tokenizer)} for item in data.train[:n]],
+        "examples": [
+            {"segments": segments_of(item, tokenizer)} for item in _samples(data.train, n)
+        ],
     }
 
 
@@ -54,6 +69,11 @@ def print_report(rep: dict[str, Any], console: Any = None) -> None:
         f"{st['truncated']} truncated, {st['dropped']} dropped; "
         f"{st['trained_tokens']} of {st['train_tokens']} training tokens are trained"
     )
+    if "packed_rows" in st:
+        console.print(
+            f"packing: {st['packed_rows']} rows, {st['samples_per_row']} samples per row, "
+            f"{st['packing_efficiency']:.1%} of each row filled"
+        )
     marks = not console.is_terminal
     for k, example in enumerate(rep["examples"], start=1):
         console.rule(f"example {k}" + ("  (trained text inside [[ ]])" if marks else ""))

@@ -281,9 +281,9 @@ def tokenize_all(config: TuneConfig, tokenizer: Any, loaded: LoadedData) -> Prep
         )
     counts = train_counts + val_counts
     lengths = sorted(len(x["input_ids"]) for x in train)
+    n_train, n_val = len(train), len(val)
     packing = {}
     if config.sample_packing:
-        n_train = len(train)
         train, val = pack(train, config.sequence_len), pack(val, config.sequence_len)
         packing = {
             "packed_rows": len(train),
@@ -294,8 +294,8 @@ def tokenize_all(config: TuneConfig, tokenizer: Any, loaded: LoadedData) -> Prep
         "rows": sum(s.rows for s in loaded.sources),
         "duplicates": loaded.duplicates,
         "examples": len(loaded.examples),
-        "train_samples": len(train),
-        "eval_samples": len(val),
+        "train_samples": n_train,
+        "eval_samples": n_val,
         "truncated": counts["truncated"],
         "dropped": counts["dropped"],
         "train_tokens": train_counts["tokens"],

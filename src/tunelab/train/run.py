@@ -108,6 +108,10 @@ def _describe_data(log: RunLog, data: PreparedData) -> None:
         )
         if st[key]
     ]  # fmt: skip
+    if "packed_rows" in st:
+        extra.append(
+            f"packed into {st['packed_rows']} rows ({st['packing_efficiency']:.1%} filled)"
+        )
     log(
         f"data: {st['train_samples']} training / {st['eval_samples']} validation samples, "
         f"{st['trained_tokens']} of {st['train_tokens']} tokens trained, longest {st['max_length']}"
