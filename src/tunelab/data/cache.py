@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from tunelab import __version__
 from tunelab.config.schema import TuneConfig
+from tunelab.files import staged_directory
 
 DATA_KEYS = (
     "datasets", "sequence_len", "train_on_inputs", "val_set_size", "max_examples",
@@ -61,10 +60,8 @@ def save(root: Path, key: str, data: Any) -> Path:
     """Store ``data`` under ``key`` (written beside, then renamed into place)."""
     from datasets import Dataset
 
-    root.mkdir(parents=True, exist_ok=True)
     entry = root / key
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
-    try:
+    with staged_directory(entry) as staging:
         for name, rows in (("train", data.train), ("eval", data.eval)):
             if rows:  # an empty split is simply absent
                 Dataset.from_list(rows).save_to_disk(str(staging / name))
@@ -74,9 +71,4 @@ def save(root: Path, key: str, data: Any) -> Path:
             "notes": data.notes,
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        if entry.exists():
-            shutil.rmtree(entry)
-        staging.rename(entry)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return entry

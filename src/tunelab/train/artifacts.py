@@ -49,7 +49,7 @@ def plot_history(records: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tunelab.train.rundir import write_atomic
+    from tunelab.files import write_atomic
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     for key, label, style in (

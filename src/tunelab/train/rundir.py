@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import RunDirError
+from tunelab.files import write_atomic
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -89,24 +90,6 @@ class RunLayout:
     def is_run(self) -> bool:
         """Whether this directory was made by a tunelab run (and so may be replaced)."""
         return self.status.exists() or self.adapter_config.exists() or self.info.exists()
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write ``data`` beside ``path``, sync it and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; these are ordinary files
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: Path, obj: Any) -> None:
