@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import platform
 from importlib import metadata
@@ -65,8 +66,6 @@ def plot_history(records: list[dict[str, Any]], path: Path) -> None:
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend()
-    import io
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(fig)

@@ -20,6 +20,7 @@ import yaml
 from tunelab.config import LoadedConfig, TuneConfig, resolved_dict
 from tunelab.config.locations import resolve_model
 from tunelab.data.prepare import PreparedData, load_examples, prepare_data
+from tunelab.files import write_atomic
 from tunelab.train import artifacts
 from tunelab.train.models import load_model, load_tokenizer, model_location
 from tunelab.train.preflight import Plan, detect_hardware, preflight
@@ -28,7 +29,6 @@ from tunelab.train.rundir import (
     RunLayout,
     check_output_dir,
     move_into,
-    write_atomic,
     write_json,
 )
 from tunelab.train.trainer import (
