@@ -182,3 +182,26 @@ def test_empty_response_names_row_and_key(tmp_path):
     with pytest.raises(DataError) as info:
         load_examples(load_config(overrides={"datasets": [{"path": str(path)}]}).config)
     assert "'output' is empty" in info.value.message and "(first at row 2)" in info.value.message
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3", "gemma", "alpaca", "vicuna"])
+def test_named_templates_mask_every_assistant_turn(name, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from tunelab.data.templates import CHAT_TEMPLATES
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = CHAT_TEMPLATES[name]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "See you"},
+    ]
+    trained, segments = trained_text(messages, tokenizer)
+    responses = [s.text for s in segments if s.trained]
+    assert len(responses) == 2 and "Hello" in responses[0] and "See you" in responses[1]
+    assert all("Hi" not in r and "Bye" not in r and "Be brief." not in r for r in responses)
+    assert "None" not in "".join(s.text for s in segments)
+    assert trained == "".join(responses)

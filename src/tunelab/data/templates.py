@@ -25,13 +25,13 @@ CHAT_TEMPLATES: dict[str, str] = {
         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     ),
     "llama3": (
-        "{{ bos_token }}{% for m in messages %}<|start_header_id|>"
+        "{{ bos_token or '' }}{% for m in messages %}<|start_header_id|>"
         "{{ 'ipython' if m['role'] == 'tool' else m['role'] }}<|end_header_id|>\n\n"
         "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
         "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
     ),
     "gemma": (
-        "{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}"
+        "{{ bos_token or '' }}{% set ns = namespace(system='') %}{% for m in messages %}"
         "{% if m['role'] == 'system' %}{% set ns.system = m['content'] + '\n\n' %}{% else %}"
         "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
         "{% if loop.index0 == 1 or (loop.first and m['role'] != 'system') %}{{ ns.system }}"
@@ -40,13 +40,14 @@ CHAT_TEMPLATES: dict[str, str] = {
     ),
     "alpaca": (
         "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
-        "{% elif m['role'] == 'assistant' %}### Response:\n{{ m['content'] }}{{ eos_token }}\n\n"
+        "{% elif m['role'] == 'assistant' %}### Response:\n{{ m['content'] }}"
+        "{{ eos_token or '' }}\n\n"
         "{% else %}### Instruction:\n{{ m['content'] }}\n\n{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}### Response:\n{% endif %}"
     ),
     "vicuna": (
         "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
-        "{% elif m['role'] == 'assistant' %}ASSISTANT: {{ m['content'] }}{{ eos_token }}\n"
+        "{% elif m['role'] == 'assistant' %}ASSISTANT: {{ m['content'] }}{{ eos_token or '' }}\n"
         "{% else %}USER: {{ m['content'] }}\n{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
     ),
