@@ -174,3 +174,42 @@ def test_raw_text_file_trains_in_chunks(tmp_path, tiny_tokenizer):
     assert len(data.train) > 4
     assert all(len(x["input_ids"]) <= 34 for x in data.train)
     assert all(x["labels"] == x["input_ids"] for x in data.train)
+
+
+def test_a_file_mixing_formats_is_an_error(tmp_path):
+    rows = [
+        {"instruction": "a", "output": "b"},
+        {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]},
+    ]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    with pytest.raises(
+        DataError,
+        match=r"rows are in different formats: alpaca \(first at row 1\), sharegpt \(first at row 2\)",
+    ):
+        load(tmp_path / "d.json")
+
+
+def test_unreachable_hub_dataset_is_a_clear_error(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from tunelab.config import load_config\n"
+        "from tunelab.data.prepare import load_examples\n"
+        "from tunelab.errors import DataError\n"
+        "try:\n"
+        "    load_examples(load_config(overrides={'datasets': [{'path': 'someorg/nodata:test'}]}).config)\n"
+        "except DataError as exc:\n"
+        "    print(exc)\n"
+    )
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(tmp_path),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert "could not load hub dataset 'someorg/nodata' (split 'test')" in proc.stdout

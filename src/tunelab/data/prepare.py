@@ -98,19 +98,34 @@ def _converter(source: DatasetSource, table: Table) -> tuple[str, Callable[[dict
         return "chat_template", lambda row: conversation_to_messages(row, mapping)
     name = source.type if source.type != "auto" else table.format
     if name is None:
-        fmt = detect_format(_columns(table))
-        if fmt is None:
-            raise DataError(
-                f"{table.name}: cannot tell the format from its columns {sorted(_columns(table))}",
-                f"known formats: {describe_formats()}; rename the columns or set the type",
-            )
-        name = fmt.name
+        name = _detect(table)
     if name in ("sharegpt", "openai") and table.mapping is not None:
         mapping = table.mapping
         return name, lambda row: conversation_to_messages(row, mapping)
     if name == "raw":
         return "raw", lambda row: RawText(row.get("text") or "", source)
     return name, FORMATS[name].convert
+
+
+def _detect(table: Table) -> str:
+    """The one format of a table's rows; a file whose rows differ in format is an error."""
+    fmt = detect_format(_columns(table))
+    if fmt is None:
+        raise DataError(
+            f"{table.name}: cannot tell the format from its columns {sorted(_columns(table))}",
+            f"known formats: {describe_formats()}; rename the columns or set the type",
+        )
+    first: dict[str, str] = {}
+    for row in table.rows[:1000]:
+        row_fmt = detect_format(row.data)
+        first.setdefault(row_fmt.name if row_fmt else "unknown", row.where)
+    if len(first) > 1:
+        seen = ", ".join(f"{name} (first at {where})" for name, where in first.items())
+        raise DataError(
+            f"{table.name}: its rows are in different formats: {seen}",
+            "put each format in its own file, or set the dataset's type",
+        )
+    return fmt.name
 
 
 def _with_system(sample: Any, system: str | None) -> Any:

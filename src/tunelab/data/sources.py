@@ -289,18 +289,18 @@ def _split_selector(path: str) -> tuple[str, list[str]]:
     return path, []
 
 
-def expand(path: str, split: str, notes: list[str], read_hub: bool = True) -> list[Table]:
+def expand(path: str, split: str, notes: list[str], hub: bool = True) -> list[Table]:
     """All tables a ``datasets`` path names; a path that names nothing is an error.
 
-    With ``read_hub=False`` hub ids give no table (nothing is downloaded).
+    With ``hub=False`` hub ids give no table (nothing is downloaded).
     """
     tables: list[Table] = []
     for part in split_paths(path):
-        tables += _expand_one(part, split, notes, read_hub)
+        tables += _expand_one(part, split, notes, hub)
     return tables
 
 
-def _expand_one(part: str, split: str, notes: list[str], read_hub: bool) -> list[Table]:
+def _expand_one(part: str, split: str, notes: list[str], hub: bool) -> list[Table]:
     part, names = _split_selector(part)
     p = Path(part).expanduser()
     if any(ch in part for ch in "*?["):
@@ -329,7 +329,7 @@ def _expand_one(part: str, split: str, notes: list[str], read_hub: bool) -> list
     if problem:
         raise DataError(problem)
     dataset_id, _, hub_split = part.partition(":")
-    if not read_hub:
+    if not hub:
         notes.append(f"{part}: hub dataset, read when training")
         return []
     return [read_hub(dataset_id, hub_split or split)]
