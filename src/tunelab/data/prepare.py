@@ -117,8 +117,9 @@ def _detect(table: Table) -> str:
         )
     first: dict[str, str] = {}
     for row in table.rows[:1000]:
-        row_fmt = detect_format(row.data)
-        first.setdefault(row_fmt.name if row_fmt else "unknown", row.where)
+        row_fmt = detect_format(row.data)  # rows missing a column are reported when read
+        if row_fmt is not None:
+            first.setdefault(row_fmt.name, row.where)
     if len(first) > 1:
         seen = ", ".join(f"{name} (first at {where})" for name, where in first.items())
         raise DataError(
