@@ -118,9 +118,26 @@ def test_text_trains_everything_and_ends_with_eos(tiny_tokenizer):
     assert trained_text(sample, tiny_tokenizer)[0] == "hello world<|im_end|>"
 
 
-def test_vision_rows_are_a_clear_error():
-    with pytest.raises(RowError, match="multimodal base model"):
-        FORMATS["vision"].convert({"image": "a.jpg", "caption": "a cat"})
+def test_vision_rows_need_a_multimodal_model(tmp_path, tiny_tokenizer):
+    from PIL import Image
+
+    from tunelab.data.formats import VisionSample
+
+    sample = FORMATS["vision"].convert({"image": "a.png", "caption": "a cat"})
+    assert isinstance(sample, VisionSample) and sample.images == ("a.png",)
+    assert sample.messages[1] == {"role": "assistant", "content": "a cat"}
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "d.json").write_text(json.dumps([{"image": "a.png", "caption": "a cat"}]))
+    config = load_config(
+        overrides={"datasets": [{"path": str(tmp_path / "d.json")}], "val_set_size": 0}
+    ).config
+    with pytest.raises(DataError, match="image rows need a multimodal base model"):
+        prepare_data(config, tiny_tokenizer)
+    (tmp_path / "e.json").write_text(json.dumps([{"image": "missing.png", "caption": "a cat"}]))
+    with pytest.raises(DataError, match="'image' names a file that does not exist"):
+        load_examples(
+            load_config(overrides={"datasets": [{"path": str(tmp_path / "e.json")}]}).config
+        )
 
 
 def test_unknown_format_name_lists_the_known_ones(tmp_path):

@@ -118,14 +118,14 @@ def _prepared(args: argparse.Namespace):
     """Config, tokenizer and tokenized data, without loading the model's weights."""
     from tunelab.config.locations import resolve_model
     from tunelab.data.prepare import prepare_data
-    from tunelab.train.models import load_tokenizer, model_location
+    from tunelab.train.models import load_tokenizer_and_processor, model_location
 
     loaded = _load(args)
     for note in loaded.notes:
         _stderr(f"note: {note}")
     ref = resolve_model(loaded.config.base_model)
-    tokenizer = load_tokenizer(model_location(ref, _stderr), ref)
-    return loaded.config, tokenizer, prepare_data(loaded.config, tokenizer)
+    tokenizer, processor = load_tokenizer_and_processor(model_location(ref, _stderr), ref)
+    return loaded.config, tokenizer, prepare_data(loaded.config, tokenizer, processor=processor)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

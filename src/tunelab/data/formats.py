@@ -24,7 +24,15 @@ class TextSample:
     eos: bool = True  # end with the EOS token (complete documents); raw chunks do not
 
 
-Sample = list[Message] | TextSample
+@dataclass(frozen=True)
+class VisionSample:
+    """A conversation whose user turn shows images (paths, in order of their placeholders)."""
+
+    messages: list[dict[str, Any]]
+    images: tuple[str, ...]
+
+
+Sample = list[Message] | TextSample | VisionSample
 
 
 class RowError(ValueError):
@@ -241,11 +249,19 @@ def text_to_text(row: dict[str, Any]) -> TextSample:
     return TextSample(((_response(row, "text"), True),))
 
 
-def vision_row(row: dict[str, Any]) -> list[Message]:
-    raise RowError(
-        "image", "rows are image + caption pairs, which need a multimodal base model and "
-        "a vision pipeline; this version trains text-only models"
-    )  # fmt: skip
+def vision_row(row: dict[str, Any]) -> VisionSample:
+    """``image`` (a path, or a list of paths) + ``caption``; an optional ``prompt`` asks for it."""
+    images = row.get("image")
+    paths = images if isinstance(images, list) else [images]
+    if not paths or not all(isinstance(p, str) and p.strip() for p in paths):
+        raise RowError("image", "must be an image file path (or a list of them)")
+    prompt = _text(row, "prompt", required=False) or "Describe the image."
+    content = [{"type": "image"} for _ in paths] + [{"type": "text", "text": prompt}]
+    messages = [
+        {"role": "user", "content": content},
+        {"role": "assistant", "content": _response(row, "caption")},
+    ]
+    return VisionSample(messages, tuple(paths))
 
 
 @dataclass(frozen=True)
@@ -272,7 +288,8 @@ FORMATS: dict[str, Format] = {
         Format("qa", ("question", "answer"), qa_to_messages, "question, answer (+ context)"),
         Format("completion", ("prompt", "completion"), completion_to_text,
                "prompt (not trained), completion (trained)"),
-        Format("vision", ("image", "caption"), vision_row, "image, caption (multimodal models)"),
+        Format("vision", ("image", "caption"), vision_row,
+               "image, caption (+ prompt); needs a multimodal base model"),
         Format("text", ("text",), text_to_text, "text: the whole text is trained"),
     )
 }  # fmt: skip

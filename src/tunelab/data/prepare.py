@@ -23,6 +23,7 @@ from tunelab.data.formats import (
     RowError,
     Sample,
     TextSample,
+    VisionSample,
     conversation_to_messages,
     describe_formats,
     detect_format,
@@ -135,6 +136,21 @@ def _with_system(sample: Any, system: str | None) -> Any:
     return sample
 
 
+def _with_images(sample: Any, folder: Path | None) -> Any:
+    """Image paths made absolute (relative ones are read beside the data file) and checked."""
+    if not isinstance(sample, VisionSample):
+        return sample
+    paths = []
+    for name in sample.images:
+        path = Path(name).expanduser()
+        if not path.is_absolute() and folder is not None:
+            path = folder / path
+        if not path.is_file():
+            raise RowError("image", f"names a file that does not exist: {path}")
+        paths.append(str(path.resolve()))
+    return VisionSample(sample.messages, tuple(paths))
+
+
 def _convert(table: Table, source: DatasetSource, system: str | None) -> tuple[str, list[Example]]:
     name, convert = _converter(source, table)
     rows = table.rows[: source.max_examples]
@@ -143,7 +159,7 @@ def _convert(table: Table, source: DatasetSource, system: str | None) -> tuple[s
     examples, failures, first = [], Counter(), {}
     for row in rows:
         try:
-            sample = _with_system(convert(row.data), system)
+            sample = _with_images(_with_system(convert(row.data), system), table.folder)
             examples.append(Example(sample, table.name, row.where))
         except RowError as exc:
             failures[str(exc)] += 1
@@ -162,6 +178,8 @@ def _convert(table: Table, source: DatasetSource, system: str | None) -> tuple[s
 
 
 def _key(sample: Any) -> str:
+    if isinstance(sample, VisionSample):
+        return json.dumps([sample.messages, sample.images], sort_keys=True)
     if isinstance(sample, RawText):
         return "raw:" + sample.text
     if isinstance(sample, TextSample):
@@ -232,21 +250,43 @@ def _samples(ex: Example, tokenizer: Any, sequence_len: int) -> list[Any]:
     return [TextSample(((chunk, True),), eos=False) for chunk in chunks]
 
 
+def _vision_tokens(ex: Example, processor: Any, config: TuneConfig) -> tuple[list, list]:
+    from tunelab.data.vision import tokenize_vision
+
+    if processor is None:
+        raise DataError(
+            f"{ex.source}: {ex.where}: image rows need a multimodal base model; "
+            f"'{config.base_model}' is text-only",
+            "choose a vision-language base model, or leave the image rows out",
+        )
+    try:
+        return tokenize_vision(ex.sample, processor, config.train_on_inputs)
+    except (TemplateError, ValueError, OSError) as exc:
+        raise DataError(f"{ex.source}: {ex.where}: {exc}") from None
+
+
 def tokenize_examples(
-    examples: list[Example], tokenizer: Any, config: TuneConfig
-) -> tuple[list[dict[str, list[int]]], Counter]:
-    """Token ids, attention mask and labels; samples past ``sequence_len`` cut or dropped."""
+    examples: list[Example], tokenizer: Any, config: TuneConfig, processor: Any = None
+) -> tuple[list[dict[str, Any]], Counter]:
+    """Token ids, attention mask and labels; samples past ``sequence_len`` cut or dropped.
+
+    Image samples also keep their image paths and are dropped, never cut, when too long.
+    """
     out, counts = [], Counter()
     limit = config.sequence_len
     for ex in examples:
         for sample in _samples(ex, tokenizer, limit):
-            try:
-                segments = sample_segments(sample, tokenizer, config.train_on_inputs)
-            except TemplateError as exc:
-                raise DataError(f"{ex.source}: {ex.where}: {exc}") from None
-            ids, labels = tokenize_segments(segments, tokenizer)
+            images = list(sample.images) if isinstance(sample, VisionSample) else None
+            if images is not None:
+                ids, labels = _vision_tokens(ex, processor, config)
+            else:
+                try:
+                    segments = sample_segments(sample, tokenizer, config.train_on_inputs)
+                except TemplateError as exc:
+                    raise DataError(f"{ex.source}: {ex.where}: {exc}") from None
+                ids, labels = tokenize_segments(segments, tokenizer)
             if len(ids) > limit:
-                if config.excess_length_strategy == "drop":
+                if config.excess_length_strategy == "drop" or images is not None:
                     counts["dropped"] += 1
                     continue
                 counts["truncated"] += 1
@@ -256,20 +296,24 @@ def tokenize_examples(
                 continue
             counts["tokens"] += len(ids)
             counts["trained_tokens"] += sum(label != IGNORE_INDEX for label in labels[1:])
-            out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+            item = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+            out.append(item if images is None else {**item, "images": images})
+    if any("images" in item for item in out):  # one set of columns for every sample
+        out = [item if "images" in item else {**item, "images": []} for item in out]
     return out, counts
 
 
 def prepare_data(
-    config: TuneConfig, tokenizer: Any, loaded: LoadedData | None = None
+    config: TuneConfig, tokenizer: Any, loaded: LoadedData | None = None, processor: Any = None
 ) -> PreparedData:
-    """The whole data step for a run. ``loaded`` reuses :func:`load_examples`."""
+    """The whole data step for a run. ``loaded`` reuses :func:`load_examples`; ``processor``
+    is a multimodal model's processor, needed for image samples."""
     loaded = loaded or load_examples(config)
     conversations = any(isinstance(ex.sample, list) for ex in loaded.examples)
     if conversations or config.chat_template:
         apply_chat_template(tokenizer, config.chat_template)
     if not config.dataset_prepared_path:
-        return tokenize_all(config, tokenizer, loaded)
+        return tokenize_all(config, tokenizer, loaded, processor)
     from tunelab.data import cache
 
     root = Path(config.dataset_prepared_path).expanduser()
@@ -278,17 +322,19 @@ def prepare_data(
     if data is not None:
         data.notes = [*loaded.notes, f"reused the prepared dataset in {root / key}"]
         return data
-    data = tokenize_all(config, tokenizer, loaded)
+    data = tokenize_all(config, tokenizer, loaded, processor)
     where = cache.save(root, key, data)
     data.notes.append(f"saved the prepared dataset in {where}")
     return data
 
 
-def tokenize_all(config: TuneConfig, tokenizer: Any, loaded: LoadedData) -> PreparedData:
+def tokenize_all(
+    config: TuneConfig, tokenizer: Any, loaded: LoadedData, processor: Any = None
+) -> PreparedData:
     """Split and tokenize checked examples; the statistics describe the result."""
     train_ex, val_ex = split_examples(loaded.examples, config.val_set_size, config.seed)
-    train, train_counts = tokenize_examples(train_ex, tokenizer, config)
-    val, val_counts = tokenize_examples(val_ex, tokenizer, config)
+    train, train_counts = tokenize_examples(train_ex, tokenizer, config, processor)
+    val, val_counts = tokenize_examples(val_ex, tokenizer, config, processor)
     if not train:
         raise DataError(
             f"nothing left to train on: all {len(train_ex)} training samples were dropped "
@@ -299,6 +345,10 @@ def tokenize_all(config: TuneConfig, tokenizer: Any, loaded: LoadedData) -> Prep
     lengths = sorted(len(x["input_ids"]) for x in train)
     n_train, n_val = len(train), len(val)
     packing = {}
+    if config.sample_packing and train and "images" in train[0]:
+        raise DataError(
+            "sample_packing does not work with image samples", "set sample_packing: false"
+        )
     if config.sample_packing:
         train, val = pack(train, config.sequence_len), pack(val, config.sequence_len)
         packing = {

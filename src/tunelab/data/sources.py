@@ -39,6 +39,7 @@ class Table:
     mapping: Mapping | None = None  # conversation layout from a registry
     text: str | None = None  # a whole .txt file, for raw text
     preference: bool = False  # preference pairs, reduced to their chosen answers
+    folder: Path | None = None  # relative paths in rows (images) are read from here
 
 
 def sha256(path: Path) -> str:
@@ -129,7 +130,7 @@ def read_txt(path: Path) -> Table:
         for n, line in enumerate(text.splitlines(), start=1)
         if line.strip()
     ]
-    return Table(str(path), rows, sha256(path), "text", text=text)
+    return Table(str(path), rows, sha256(path), "text", text=text, folder=path.parent)
 
 
 def read_file(path: Path) -> Table:
@@ -142,7 +143,7 @@ def read_file(path: Path) -> Table:
             f"{path}: unsupported file type '{suffix}'",
             f"use one of {', '.join(FILE_SUFFIXES)}",
         )
-    return Table(str(path), readers[suffix](path), sha256(path))
+    return Table(str(path), readers[suffix](path), sha256(path), folder=path.parent)
 
 
 # --- saved datasets and the hub -------------------------------------------------------

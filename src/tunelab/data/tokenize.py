@@ -42,7 +42,7 @@ def _ends_with_special(text: str, tokenizer: Any) -> bool:
 
 
 def render_segments(
-    messages: list[Message], tokenizer: Any, train_on_inputs: bool
+    messages: list[Message], tokenizer: Any, train_on_inputs: bool, renderer: Any = None
 ) -> list[Segment]:
     """Split the rendered conversation into prompt and response segments.
 
@@ -50,15 +50,16 @@ def render_segments(
     tokenizer's EOS is appended where the template adds no special token), so the
     model learns to stop. With ``train_on_inputs`` every segment is trained.
     """
-    if getattr(tokenizer, "chat_template", None) is None:
+    renderer = renderer or tokenizer  # a multimodal processor renders its own conversations
+    if getattr(renderer, "chat_template", None) is None:
         raise TemplateError("the tokenizer has no chat template")
     segments: list[Segment] = []
     done = ""  # rendered text covered by segments so far
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:k], generation_prompt=True)
-        through = _render(tokenizer, messages[: k + 1], generation_prompt=False)
+        prompt = _render(renderer, messages[:k], generation_prompt=True)
+        through = _render(renderer, messages[: k + 1], generation_prompt=False)
         if not prompt.startswith(done) or not through.startswith(prompt):
             raise TemplateError(
                 f"rendering turn {k + 1} changes the text before it, so the response "
@@ -70,7 +71,7 @@ def render_segments(
         segments.append(Segment(prompt[len(done) :], train_on_inputs))
         segments.append(Segment(response, True))
         done = through
-    whole = _render(tokenizer, messages, generation_prompt=False)
+    whole = _render(renderer, messages, generation_prompt=False)
     if not whole.startswith(done):
         raise TemplateError("the rendered conversation does not continue its turns")
     segments.append(Segment(whole[len(done) :], train_on_inputs))

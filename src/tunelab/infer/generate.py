@@ -7,7 +7,7 @@ from typing import Any
 
 from tunelab.config.locations import resolve_model
 from tunelab.errors import TunelabError
-from tunelab.train.models import load_model, load_tokenizer, model_location
+from tunelab.train.models import is_multimodal, load_model, load_tokenizer, model_location
 from tunelab.train.rundir import RunLayout, read_json
 
 
@@ -61,6 +61,6 @@ def load_run(run_dir: str | Path) -> tuple[Any, Any]:
         raise TunelabError(f"{run_dir}: the adapter does not say which base model it belongs to")
     ref = resolve_model(name)
     location = model_location(ref)
-    base = load_model(location, ref)
+    base = load_model(location, ref, multimodal=is_multimodal(location, ref))
     tokenizer = load_tokenizer(str(layout.root), ref)
     return PeftModel.from_pretrained(base, str(layout.root)), tokenizer

@@ -106,14 +106,50 @@ def load_tokenizer(location: str, ref: ModelRef) -> Any:
     return tokenizer
 
 
-def load_model(location: str, ref: ModelRef, dtype: Any = None, quantization: Any = None) -> Any:
-    """The causal language model, in ``dtype`` or quantized with ``quantization``."""
-    from transformers import AutoModelForCausalLM
+def is_multimodal(location: str, ref: ModelRef) -> bool:
+    """Whether the model sees images (its config has a vision part)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(location)
+    except Exception as exc:
+        raise _load_error(location, ref, exc) from None
+    return getattr(config, "vision_config", None) is not None
+
+
+def load_processor(location: str, ref: ModelRef) -> Any:
+    """A multimodal model's processor (tokenizer, image processor, chat template)."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(location)
+    except Exception as exc:
+        raise _load_error(location, ref, exc) from None
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return processor
+
+
+def load_tokenizer_and_processor(location: str, ref: ModelRef) -> tuple[Any, Any]:
+    """(tokenizer, processor); the processor is None for a text-only model."""
+    if is_multimodal(location, ref):
+        processor = load_processor(location, ref)
+        return processor.tokenizer, processor
+    return load_tokenizer(location, ref), None
+
+
+def load_model(
+    location: str, ref: ModelRef, dtype: Any = None, quantization: Any = None,
+    multimodal: bool = False,
+) -> Any:  # fmt: skip
+    """The language model (or image-text model), in ``dtype`` or quantized."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": 0})
+    loader = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
     try:
-        return AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        return loader.from_pretrained(location, **kwargs)
     except Exception as exc:
         raise _load_error(location, ref, exc) from None

@@ -22,7 +22,7 @@ from tunelab.config.locations import resolve_model
 from tunelab.data.prepare import PreparedData, load_examples, prepare_data
 from tunelab.files import write_atomic
 from tunelab.train import artifacts
-from tunelab.train.models import load_model, load_tokenizer, model_location
+from tunelab.train.models import load_model, load_tokenizer_and_processor, model_location
 from tunelab.train.preflight import Plan, detect_hardware, preflight
 from tunelab.train.rundir import (
     RunDir,
@@ -161,6 +161,7 @@ class Prepared:
     model: Any
     steps: int
     samples: list[Sample]
+    processor: Any = None  # for image-text models
 
 
 def prepare(
@@ -182,10 +183,12 @@ def prepare(
     ref = resolve_model(config.base_model)
     log(f"model: {ref.describe()}")
     location = model_location(ref, log)
-    tokenizer = load_tokenizer(location, ref)
-    data = prepare_data(config, tokenizer, loaded_data)
+    tokenizer, processor = load_tokenizer_and_processor(location, ref)
+    data = prepare_data(config, tokenizer, loaded_data, processor)
     _describe_data(log, data)
-    model = load_model(location, ref, torch_dtype(plan, config), quantization(config, plan))
+    model = load_model(
+        location, ref, torch_dtype(plan, config), quantization(config, plan), bool(processor)
+    )
     samples = [Sample(p, generate(model, tokenizer, p)) for p in sample_prompts]
 
     set_seed(config.seed)
@@ -199,7 +202,7 @@ def prepare(
     )
     if plan.reasons:
         log(f"chosen for this machine: {'; '.join(plan.reasons)}")
-    return Prepared(config, plan, data, tokenizer, model, steps, samples)
+    return Prepared(config, plan, data, tokenizer, model, steps, samples, processor)
 
 
 def fit(prep: Prepared, layout: RunLayout, log: RunLog, quiet: bool) -> Any:
@@ -220,10 +223,14 @@ def fit(prep: Prepared, layout: RunLayout, log: RunLog, quiet: bool) -> Any:
         MetricsFileCallback(layout.metrics),
         ConsoleProgressCallback(log.write, quiet=quiet),
     ]
-    args = training_arguments(prep.config, prep.plan, layout, prep.steps, bool(prep.data.eval))
-    trainer = build_trainer(
-        prep.model, prep.tokenizer, args, prep.data.train, prep.data.eval, callbacks
+    images = bool(prep.data.train) and "images" in prep.data.train[0]
+    args = training_arguments(
+        prep.config, prep.plan, layout, prep.steps, bool(prep.data.eval), images
     )
+    trainer = build_trainer(
+        prep.model, prep.tokenizer, args, prep.data.train, prep.data.eval, callbacks,
+        prep.processor,
+    )  # fmt: skip
     try:
         trainer.train()
         step = trainer.state.global_step
@@ -236,7 +243,7 @@ def fit(prep: Prepared, layout: RunLayout, log: RunLog, quiet: bool) -> Any:
 
 def save_artifacts(prep: Prepared, trainer: Any, layout: RunLayout, started: str, clock: float):
     """Weights, tokenizer, adapter_info.json and the loss plot; returns the loss summary."""
-    _save_weights(trainer.model, prep.tokenizer, layout)
+    _save_weights(trainer.model, prep.processor or prep.tokenizer, layout)
     if layout.checkpoints.is_dir() and not any(layout.checkpoints.iterdir()):
         layout.checkpoints.rmdir()
     records = artifacts.read_metrics(layout.metrics)

@@ -35,6 +35,9 @@ def quantization(config: TuneConfig, plan: Plan) -> Any:
     )
 
 
+VISION_MODULES = r".*(vision_tower|vision_model|visual|multi_modal_projector|mm_projector).*"
+
+
 def build_adapter(model: Any, config: TuneConfig, plan: Plan) -> Any:
     """Wrap ``model`` with a LoRA adapter (or leave it whole for full fine-tuning)."""
     if config.adapter == "full":
@@ -45,7 +48,10 @@ def build_adapter(model: Any, config: TuneConfig, plan: Plan) -> Any:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=plan.gradient_checkpointing
         )
+    vision = getattr(model.config, "vision_config", None) is not None
     lora = LoraConfig(
+        # on an image-text model only the language part is adapted
+        exclude_modules=VISION_MODULES if vision and config.lora_targets == "all-linear" else None,
         r=config.lora_r,
         lora_alpha=config.lora_alpha_value,
         lora_dropout=config.lora_dropout,
@@ -72,8 +78,9 @@ def total_steps(config: TuneConfig, plan: Plan, n_train: int) -> int:
 
 
 def training_arguments(
-    config: TuneConfig, plan: Plan, layout: RunLayout, steps: int, has_eval: bool
-) -> Any:
+    config: TuneConfig, plan: Plan, layout: RunLayout, steps: int, has_eval: bool,
+    images: bool = False,
+) -> Any:  # fmt: skip
     from transformers import TrainingArguments
 
     if config.warmup_steps is not None:
@@ -123,6 +130,7 @@ def training_arguments(
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        remove_unused_columns=not images,  # image paths reach the collator
     )
 
 
@@ -145,17 +153,22 @@ class PackedRowsCollator:
 
 
 def build_trainer(
-    model: Any, tokenizer: Any, args: Any, train: list, evaluation: list, callbacks: list
-) -> Any:
+    model: Any, tokenizer: Any, args: Any, train: list, evaluation: list, callbacks: list,
+    processor: Any = None,
+) -> Any:  # fmt: skip
     """A transformers Trainer whose only console output is tunelab's own callbacks."""
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, ProgressCallback, Trainer
 
     from tunelab.data.packing import is_packed
 
-    if is_packed(train):
+    if train and "images" in train[0]:
+        from tunelab.data.vision import VisionCollator
+
+        collator: Any = VisionCollator(processor)
+    elif is_packed(train):
         flash = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
-        collator: Any = PackedRowsCollator(flash)
+        collator = PackedRowsCollator(flash)
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     trainer = Trainer(

@@ -1,0 +1,144 @@
+"""Image + caption rows on a tiny random image-text model (Llava layout)."""
+
+import json
+
+import pytest
+import torch
+
+from tunelab.config import load_config
+from tunelab.data.prepare import prepare_data
+from tunelab.data.tokenize import IGNORE_INDEX
+from tunelab.train.run import train
+
+CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
+    "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tiny_model_dir, tmp_path_factory):
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )  # fmt: skip
+
+    path = tmp_path_factory.mktemp("tiny-llava")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(
+        image_processor=images, tokenizer=tokenizer, patch_size=16, chat_template=CHAT,
+        vision_feature_select_strategy="full", num_additional_image_tokens=1,
+    )  # fmt: skip
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            image_size=32, patch_size=16,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def image_rows(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i, colour in enumerate(["red", "green", "blue", "white"]):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / "img" / f"{i}.png")
+        rows.append({"image": f"img/{i}.png", "caption": f"A {colour} square."})
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_image_tokens_expand_and_only_the_caption_is_trained(tiny_vlm, image_rows):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_vlm)
+    config = load_config(
+        overrides={"datasets": [{"path": str(image_rows)}], "val_set_size": 0}
+    ).config
+    data = prepare_data(config, processor.tokenizer, processor=processor)
+    item = data.train[0]
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert item["input_ids"].count(image_id) == 5  # 4 patches + the class token
+    assert item["images"][0].endswith(".png")
+    trained = [
+        i for i, lab in zip(item["input_ids"], item["labels"], strict=True) if lab != IGNORE_INDEX
+    ]
+    text = processor.tokenizer.decode(trained)
+    assert text.startswith("A ") and text.endswith("square.<|im_end|>\n")
+    assert all(
+        lab == IGNORE_INDEX
+        for i, lab in zip(item["input_ids"], item["labels"], strict=True)
+        if i == image_id
+    )
+
+
+def test_trains_an_image_text_model(tiny_vlm, image_rows, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    overrides = {
+        "base_model": str(tiny_vlm), "datasets": [{"path": str(image_rows)}], "val_set_size": 0,
+        "max_steps": 6, "learning_rate": 1e-2, "micro_batch_size": 2, "logging_steps": 1,
+        "output_dir": str(tmp_path / "run"),
+    }  # fmt: skip
+    result = train(load_config(overrides=overrides), quiet=True)
+    assert result.steps == 6
+    losses = [
+        json.loads(x)["loss"] for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert losses[-1] < losses[0]
+    adapted = json.loads((result.run_dir / "adapter_config.json").read_text())
+    assert "vision" in (adapted.get("exclude_modules") or "")
+    assert (result.run_dir / "processor_config.json").is_file()  # the processor is saved
+    base = AutoModelForImageTextToText.from_pretrained(tiny_vlm)
+    tuned = PeftModel.from_pretrained(base, str(result.run_dir))
+    names = [n for n, _ in tuned.named_modules() if n.endswith("lora_A")]
+    assert names and not any("vision" in n or "projector" in n for n in names)
+
+
+def test_inspect_image_rows(tiny_vlm, image_rows, capsys):
+    from tunelab.cli import main
+
+    code = main(
+        [
+            "data",
+            "inspect",
+            "--data",
+            str(image_rows),
+            "--model",
+            str(tiny_vlm),
+            "--json",
+            "-n",
+            "1",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0 and "Traceback" not in err
+    rep = json.loads(out)
+    assert rep["files"][0]["format"] == "vision"
+    segments = rep["examples"][0]["segments"]
+    assert segments[-1]["trained"] and segments[-1]["text"].endswith("square.<|im_end|>\n")
+    assert "<image>" in segments[0]["text"] and not segments[0]["trained"]
