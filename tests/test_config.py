@@ -155,3 +155,12 @@ def test_misspelt_builtin_name_suggests_it(alpaca_file):
         "base_model: 'SmolLM2-135M-Instrct' is not a local path; "
         "did you mean the built-in 'SmolLM2-135M-Instruct'?"
     ]
+
+
+def test_overlap_must_be_smaller_than_the_chunk(alpaca_file):
+    problems = problems_of(
+        overrides={"datasets": [{"path": str(alpaca_file), "cutoff_len": 64, "overlap_len": 64}]}
+    )
+    assert problems == [
+        "datasets.0.overlap_len: 64 must be smaller than the chunk length (64, cutoff_len or sequence_len)"
+    ]

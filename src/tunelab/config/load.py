@@ -227,6 +227,13 @@ def _cross_checks(config: TuneConfig) -> tuple[list[str], list[str]]:
         problems.append("fp16: cannot train in both bf16 and fp16; set one of them to false")
     if config.warmup_steps is not None and config.warmup_ratio is not None:
         problems.append("warmup_ratio: give warmup_steps or warmup_ratio, not both")
+    for i, ds in enumerate(config.datasets):
+        cutoff = ds.cutoff_len or config.sequence_len
+        if ds.overlap_len >= cutoff:
+            problems.append(
+                f"datasets.{i}.overlap_len: {ds.overlap_len} must be smaller than the chunk "
+                f"length ({cutoff}, cutoff_len or sequence_len)"
+            )
     if config.lora_target_modules == []:
         problems.append("lora_target_modules: empty list; leave it out to adapt all linear layers")
     lora_keys = sorted(
