@@ -36,6 +36,7 @@ CONFIG_FLAGS: list[tuple[str, str, Callable[[str], Any]]] = [
     ("--chat-template", "chat_template", str),
     ("--optimizer", "optimizer", str),
     ("--seed", "seed", int),
+    ("--save-steps", "save_steps", int),
 ]
 
 
@@ -162,7 +163,10 @@ def _print_samples(result) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from tunelab.train.run import train
 
-    result = train(_load(args), overwrite=args.overwrite, sample_prompts=args.sample or ())
+    result = train(
+        _load(args), overwrite=args.overwrite, sample_prompts=args.sample or (),
+        resume=args.resume, resume_from=args.resume_from,
+    )  # fmt: skip
     _print_samples(result)
     print(f"\nadapter saved in {result.run_dir}")
     return 0
@@ -218,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument(
                 "--overwrite", action="store_true", help="replace a finished run in --output"
+            )
+            p.add_argument(
+                "--resume", action="store_true",
+                help="continue the run in --output from its last complete checkpoint",
+            )  # fmt: skip
+            p.add_argument(
+                "--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint"
             )
             p.add_argument(
                 "--sample", action="append", metavar="PROMPT",

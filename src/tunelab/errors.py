@@ -53,6 +53,12 @@ class RunDirError(TunelabError):
     exit_code = 2
 
 
+class RunInterrupted(TunelabError):
+    """A signal stopped the run after it saved a checkpoint."""
+
+    exit_code = 130
+
+
 class PreflightError(TunelabError):
     """The configuration is valid but cannot run on this machine."""
 

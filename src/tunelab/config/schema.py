@@ -183,6 +183,12 @@ class TrainingSection(_Strict):
     save_steps: int | None = Field(
         None, ge=1, description="Save a checkpoint every N updates; default none until the end."
     )
+    saves_per_epoch: int | None = Field(
+        None, ge=1, description="Save this many checkpoints per epoch (instead of save_steps)."
+    )
+    save_total_limit: int | None = Field(
+        None, ge=1, description="Keep at most this many checkpoints (the best is always kept)."
+    )
     logging_steps: int | None = Field(
         None, ge=1, description="Log every N updates; default about 50 logs per run."
     )

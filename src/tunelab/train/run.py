@@ -20,10 +20,19 @@ import yaml
 from tunelab.config import LoadedConfig, TuneConfig, resolved_dict
 from tunelab.config.locations import resolve_model
 from tunelab.data.prepare import PreparedData, load_examples, prepare_data
+from tunelab.errors import RunInterrupted
 from tunelab.files import write_atomic
 from tunelab.train import artifacts
+from tunelab.train.checkpoints import MARKER, CheckpointCallback, EpochSeedCallback, StopOnSignal
 from tunelab.train.models import load_model, load_tokenizer_and_processor, model_location
 from tunelab.train.preflight import Plan, detect_hardware, preflight
+from tunelab.train.resume import (
+    check_resumable,
+    checkpoint_step,
+    fingerprint,
+    resume_point,
+    truncate_metrics,
+)
 from tunelab.train.rundir import (
     RunDir,
     RunLayout,
@@ -36,6 +45,7 @@ from tunelab.train.trainer import (
     build_trainer,
     count_parameters,
     quantization,
+    steps_per_epoch,
     torch_dtype,
     total_steps,
     training_arguments,
@@ -63,9 +73,10 @@ class RunLog:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(line + "\n")
 
-    def attach(self, path: Path) -> None:
+    def attach(self, path: Path, append: bool = False) -> None:
         self.path = path
-        path.write_text("".join(line + "\n" for line in self.lines), encoding="utf-8")
+        with path.open("a" if append else "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in self.lines))
 
 
 @dataclass
@@ -160,13 +171,15 @@ class Prepared:
     tokenizer: Any
     model: Any
     steps: int
+    per_epoch: int
     samples: list[Sample]
     processor: Any = None  # for image-text models
 
 
 def prepare(
-    loaded: LoadedConfig, overwrite: bool, sample_prompts: Sequence[str], log: RunLog
-) -> Prepared:
+    loaded: LoadedConfig, overwrite: bool, sample_prompts: Sequence[str], log: RunLog,
+    resume: bool = False,
+) -> Prepared:  # fmt: skip
     """Check the config, output dir, hardware and data; load the model; add the adapter."""
     from transformers import set_seed
 
@@ -176,7 +189,10 @@ def prepare(
     config = loaded.config.model_copy(update={"output_dir": str(output_dir)})
     for note in loaded.notes:
         log(f"note: {note}")
-    check_output_dir(output_dir, overwrite)
+    if resume:
+        check_resumable(RunLayout(output_dir))
+    else:
+        check_output_dir(output_dir, overwrite)
     plan = preflight(config, detect_hardware())
     loaded_data = load_examples(config)
 
@@ -194,6 +210,7 @@ def prepare(
     set_seed(config.seed)
     model = build_adapter(model, config, plan)
     steps = total_steps(config, plan, len(data.train))
+    per_epoch = steps_per_epoch(config, plan, len(data.train))
     trainable, total = count_parameters(model)
     log(
         f"plan: {config.adapter} on {plan.hardware.name}, {plan.precision}, {steps} steps, "
@@ -202,11 +219,14 @@ def prepare(
     )
     if plan.reasons:
         log(f"chosen for this machine: {'; '.join(plan.reasons)}")
-    return Prepared(config, plan, data, tokenizer, model, steps, samples, processor)
+    return Prepared(config, plan, data, tokenizer, model, steps, per_epoch, samples, processor)
 
 
-def fit(prep: Prepared, layout: RunLayout, log: RunLog, quiet: bool) -> Any:
-    """Train with transformers' Trainer; returns the trainer after its last step."""
+def fit(
+    prep: Prepared, layout: RunLayout, log: RunLog, quiet: bool, resume_from: Path | None = None
+) -> tuple[Any, StopOnSignal]:
+    """Train with transformers' Trainer; returns the trainer after its last step and the
+    signal watcher (which says whether a signal stopped the run early)."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
@@ -217,28 +237,35 @@ def fit(prep: Prepared, layout: RunLayout, log: RunLog, quiet: bool) -> Any:
     )
 
     writer = SummaryWriter(log_dir=str(layout.tensorboard))
+    stopper = StopOnSignal()
     callbacks = [
         ThroughputCallback(),
         TensorBoardCallback(tb_writer=writer),
         MetricsFileCallback(layout.metrics),
         ConsoleProgressCallback(log.write, quiet=quiet),
+        CheckpointCallback(layout.checkpoints),
+        stopper,
     ]
+    if prep.config.group_by_length:
+        callbacks.append(EpochSeedCallback())
     images = bool(prep.data.train) and "images" in prep.data.train[0]
     args = training_arguments(
-        prep.config, prep.plan, layout, prep.steps, bool(prep.data.eval), images
+        prep.config, prep.plan, layout, prep.steps, prep.per_epoch, bool(prep.data.eval), images
     )
     trainer = build_trainer(
         prep.model, prep.tokenizer, args, prep.data.train, prep.data.eval, callbacks,
         prep.processor,
     )  # fmt: skip
     try:
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         step = trainer.state.global_step
+        stopped = stopper.received is not None
         if prep.data.eval and args.eval_strategy == "steps" and step % args.eval_steps:
-            trainer.evaluate()  # the validation loss of the weights being saved
+            if not stopped:
+                trainer.evaluate()  # the validation loss of the weights being saved
     finally:
         writer.close()
-    return trainer
+    return trainer, stopper
 
 
 def save_artifacts(prep: Prepared, trainer: Any, layout: RunLayout, started: str, clock: float):
@@ -260,33 +287,67 @@ def save_artifacts(prep: Prepared, trainer: Any, layout: RunLayout, started: str
     return losses
 
 
+def _open_run(
+    prep: Prepared, overwrite: bool, resume: bool, resume_from: str | None, log: RunLog
+) -> tuple[RunDir, Path | None, dict[str, Any]]:
+    """The run directory (new, staged, or the one being resumed) and where to resume from."""
+    output_dir = Path(prep.config.output_dir)
+    current = fingerprint(prep.config, prep.data.sources)
+    if not (resume or resume_from):
+        return RunDir.create(output_dir, overwrite), None, current
+    layout = RunLayout(output_dir.resolve())
+    check_resumable(layout)
+    point = resume_point(layout, current, resume_from)
+    step = checkpoint_step(point) if (point / MARKER).is_file() else 0
+    truncate_metrics(layout, step)
+    log(f"resuming from {point} (step {step})")
+    return RunDir(layout, layout.root), point, current
+
+
 def train(
     loaded: LoadedConfig,
     overwrite: bool = False,
     sample_prompts: Sequence[str] = (),
     quiet: bool = False,
+    resume: bool = False,
+    resume_from: str | None = None,
 ) -> RunResult:
-    """Run a whole training job; raises a :class:`~tunelab.errors.TunelabError` on bad input."""
+    """Run a whole training job; raises a :class:`~tunelab.errors.TunelabError` on bad input.
+
+    ``resume`` continues the run in ``output_dir`` from its last complete checkpoint
+    (``resume_from``: from that checkpoint), refusing if the data, base model or adapter
+    shape changed.
+    """
     from tunelab.infer.generate import generate
 
     log = RunLog(quiet)
-    prep = prepare(loaded, overwrite, sample_prompts, log)
-    run = RunDir.create(Path(prep.config.output_dir), overwrite)
+    prep = prepare(loaded, overwrite, sample_prompts, log, resume=bool(resume or resume_from))
+    run, point, current = _open_run(prep, overwrite, resume, resume_from, log)
     layout = run.layout
-    log.attach(layout.log)
+    log.attach(layout.log, append=point is not None)
     write_atomic(layout.config, yaml.safe_dump(resolved_dict(prep.config), sort_keys=False))
     started, clock = _now(), time.perf_counter()
-    write_json(layout.status, {"state": "running", "started": started, "total_steps": prep.steps})
+    status = {"started": started, "total_steps": prep.steps, "fingerprint": current}
+    write_json(layout.status, {"state": "running", **status})
     try:
-        trainer = fit(prep, layout, log, quiet)
-        losses = save_artifacts(prep, trainer, layout, started, clock)
+        trainer, stopper = fit(prep, layout, log, quiet, point)
         steps = trainer.state.global_step
-        done = {"state": "completed", "started": started, "finished": _now(), "steps": steps}
-        write_json(layout.status, done)
+        if stopper.received is not None:
+            raise RunInterrupted(
+                f"stopped by signal {stopper.received} at step {steps}; a checkpoint was saved",
+                "continue with the same command and --resume",
+            )
+        losses = save_artifacts(prep, trainer, layout, started, clock)
+        write_json(
+            layout.status, {"state": "completed", **status, "finished": _now(), "steps": steps}
+        )
     except BaseException as exc:
-        state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        interrupted = isinstance(exc, (KeyboardInterrupt, RunInterrupted))
         log.write(traceback.format_exc())
-        write_json(layout.status, {"state": state, "started": started, "error": repr(exc)})
+        write_json(
+            layout.status,
+            {"state": "interrupted" if interrupted else "failed", **status, "error": repr(exc)},
+        )
         run.abandon()
         raise
     layout = run.finish()

@@ -68,18 +68,21 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
+def steps_per_epoch(config: TuneConfig, plan: Plan, n_train: int) -> int:
+    batches = math.ceil(n_train / plan.micro_batch_size)
+    return max(math.ceil(batches / config.gradient_accumulation_steps), 1)
+
+
 def total_steps(config: TuneConfig, plan: Plan, n_train: int) -> int:
     """Optimizer updates the run will make (as the Trainer counts them)."""
     if config.max_steps:
         return config.max_steps
-    batches = math.ceil(n_train / plan.micro_batch_size)
-    per_epoch = max(math.ceil(batches / config.gradient_accumulation_steps), 1)
-    return math.ceil(config.num_epochs * per_epoch)
+    return math.ceil(config.num_epochs * steps_per_epoch(config, plan, n_train))
 
 
 def training_arguments(
-    config: TuneConfig, plan: Plan, layout: RunLayout, steps: int, has_eval: bool,
-    images: bool = False,
+    config: TuneConfig, plan: Plan, layout: RunLayout, steps: int, per_epoch: int,
+    has_eval: bool, images: bool = False,
 ) -> Any:  # fmt: skip
     from transformers import TrainingArguments
 
@@ -91,6 +94,9 @@ def training_arguments(
     eval_strategy = "no"
     if has_eval:
         eval_strategy = "steps" if config.eval_steps else "epoch"
+    save_steps = config.save_steps
+    if config.saves_per_epoch:
+        save_steps = max(1, per_epoch // config.saves_per_epoch)
     return TrainingArguments(
         output_dir=str(layout.checkpoints),
         per_device_train_batch_size=plan.micro_batch_size,
@@ -112,8 +118,11 @@ def training_arguments(
         max_grad_norm=config.max_grad_norm,
         eval_strategy=eval_strategy,
         eval_steps=config.eval_steps,
-        save_strategy="steps" if config.save_steps else "no",
-        save_steps=config.save_steps or 500,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        save_total_limit=config.save_total_limit,
+        metric_for_best_model="eval_loss" if has_eval else None,
+        greater_is_better=False if has_eval else None,
         logging_steps=logging_steps,
         seed=config.seed,
         data_seed=config.seed,

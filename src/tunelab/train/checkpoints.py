@@ -1,0 +1,122 @@
+"""Checkpoints that survive a crash, and the bookkeeping that makes them resumable.
+
+The trainer writes ``checkpoints/checkpoint-N`` (weights, optimizer, scheduler, RNG and
+data position). Once it has finished, :class:`CheckpointCallback` writes a completeness
+marker into it, and refreshes ``checkpoints/last`` and (when the latest validation loss
+is the best so far) ``checkpoints/best``: adapter-only copies that load like a run.
+Resuming only ever considers checkpoints with the marker, so one cut short by a crash
+is ignored and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from tunelab.files import staged_directory, write_atomic
+
+MARKER = "tunelab-complete.json"
+_NUMBERED = re.compile(r"^checkpoint-(\d+)$")
+ADAPTER_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "model.safetensors",
+    "config.json",
+)
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """``checkpoint-N`` folders that were written to the end, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [
+        (int(m[1]), p)
+        for p in folder.iterdir()
+        if (m := _NUMBERED.match(p.name)) and (p / MARKER).is_file()
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_step(path: Path) -> int:
+    return json.loads((path / MARKER).read_text(encoding="utf-8"))["step"]
+
+
+class CheckpointCallback(TrainerCallback):
+    """Marks finished checkpoints and keeps ``last`` and ``best`` up to date."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.last_eval: float | None = None
+        self.best_eval: float | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_loss" in metrics:
+            self.last_eval = metrics["eval_loss"]
+
+    def on_save(self, args, state, control, **kwargs):
+        path = self.folder / f"checkpoint-{state.global_step}"
+        if not path.is_dir():
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, "eval_loss": self.last_eval}
+        write_atomic(path / MARKER, json.dumps(record))
+        _copy_adapter(path, self.folder / "last", record)
+        if self.last_eval is not None and (
+            self.best_eval is None or self.last_eval < self.best_eval
+        ):
+            self.best_eval = self.last_eval
+            _copy_adapter(path, self.folder / "best", record)
+
+
+def _copy_adapter(source: Path, target: Path, record: dict[str, Any]) -> None:
+    with staged_directory(target) as staging:
+        for name in ADAPTER_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, staging / name)
+        (staging / "checkpoint.json").write_text(json.dumps(record), encoding="utf-8")
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGINT or SIGTERM: save a checkpoint at the end of the current step and stop."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:  # a second signal: stop now
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class EpochSeedCallback(TrainerCallback):
+    """Seeds the global RNG at each epoch start from (seed, epoch).
+
+    transformers' length-grouped sampler draws its order from the global RNG when the
+    epoch starts; seeding it there makes that order the same in a resumed run, so a
+    resumed run sees exactly the batches an uninterrupted one would.
+    """
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        import torch
+
+        torch.manual_seed(args.seed + int(state.epoch or 0))

@@ -1,0 +1,93 @@
+"""Resuming a run: which checkpoint, and whether it still belongs to this run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import TuneConfig
+from tunelab.errors import RunDirError
+from tunelab.train.checkpoints import MARKER, checkpoint_step, complete_checkpoints
+from tunelab.train.rundir import RunLayout, read_json
+
+FIX = "train into a new --output, or pass --overwrite to start again"
+
+
+def fingerprint(config: TuneConfig, sources: list[Any]) -> dict[str, Any]:
+    """What a checkpoint depends on: the base model, the adapter's shape and the data."""
+    shape = {} if config.adapter == "full" else {
+        "lora_r": config.lora_r,
+        "lora_alpha": config.lora_alpha_value,
+        "lora_target_modules": config.lora_targets,
+    }  # fmt: skip
+    return {
+        "base_model": config.base_model,
+        "adapter": config.adapter,
+        **shape,
+        "data": {s.path: s.sha256 for s in sources},
+    }
+
+
+def _differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    out = []
+    for key in sorted(set(stored) | set(current)):
+        if key == "data":
+            continue
+        if stored.get(key) != current.get(key):
+            out.append(f"{key} was {stored.get(key)!r}, now {current.get(key)!r}")
+    before, now = stored.get("data", {}), current.get("data", {})
+    for path in sorted(set(before) | set(now)):
+        if path not in now:
+            out.append(f"data file {path} is no longer used")
+        elif path not in before:
+            out.append(f"data file {path} is new")
+        elif before[path] != now[path]:
+            out.append(f"data file {path} has changed")
+    return out
+
+
+def check_resumable(layout: RunLayout) -> None:
+    """The run directory holds a run that can be continued."""
+    status = read_json(layout.status)
+    if not status:
+        raise RunDirError(f"{layout.root}: no tunelab run to resume here", "train without --resume")
+    if status.get("state") == "completed":
+        raise RunDirError(f"{layout.root}: this run has finished; there is nothing to resume", FIX)
+
+
+def resume_point(layout: RunLayout, current: dict[str, Any], resume_from: str | None) -> Path:
+    """The checkpoint to continue from, after checking that data, model and rank are the same."""
+    stored = read_json(layout.status).get("fingerprint", {})
+    changes = _differences(stored, current)
+    if changes:
+        raise RunDirError(f"cannot resume {layout.root}: " + "; ".join(changes), FIX)
+    if resume_from:
+        path = Path(resume_from).expanduser()
+        if not (path / MARKER).is_file():
+            raise RunDirError(
+                f"{resume_from}: not a complete tunelab checkpoint (no {MARKER})",
+                "give a checkpoints/checkpoint-N folder, or use --resume for the latest one",
+            )
+        return path
+    found = complete_checkpoints(layout.checkpoints)
+    if not found:
+        raise RunDirError(
+            f"{layout.root}: no complete checkpoint to resume from",
+            "set save_steps or saves_per_epoch so that runs leave checkpoints",
+        )
+    return found[-1]
+
+
+def truncate_metrics(layout: RunLayout, step: int) -> None:
+    """Forget logged steps after ``step``: the resumed run logs them again."""
+    from tunelab.files import write_atomic
+
+    if not layout.metrics.exists():
+        return
+    lines = layout.metrics.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+    write_atomic(layout.metrics, "".join(line + "\n" for line in kept))
+
+
+__all__ = ["check_resumable", "checkpoint_step", "fingerprint", "resume_point", "truncate_metrics"]

@@ -1,0 +1,139 @@
+"""Checkpoints and resume: a killed run continues exactly where its last checkpoint was."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tunelab.config import load_config
+from tunelab.errors import RunDirError
+from tunelab.train.checkpoints import MARKER, complete_checkpoints
+from tunelab.train.run import train
+
+from .conftest import write_json
+
+ROWS = [
+    {"instruction": f"Count to {i}.", "output": " ".join(str(k) for k in range(i))}
+    for i in range(1, 13)
+]
+
+
+def settings(model_dir, data, out, **more):
+    return {
+        "base_model": str(model_dir), "datasets": [{"path": str(data)}], "output_dir": str(out),
+        "val_set_size": 2, "eval_steps": 4, "max_steps": 16, "save_steps": 4, "micro_batch_size": 2,
+        "learning_rate": 5e-3, "logging_steps": 1, "lora_r": 4, **more,
+    }  # fmt: skip
+
+
+def losses(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {
+        (r["step"], "eval" if "eval_loss" in r else "train"): r.get("loss", r.get("eval_loss"))
+        for r in map(json.loads, lines)
+    }
+
+
+def cli(*args):
+    return [sys.executable, "-m", "tunelab.cli", "train", *args]
+
+
+def args_for(model_dir, data, out):
+    base = ["--data", str(data), "--base-model", str(model_dir), "--output", str(out)]
+    for key, value in settings(model_dir, data, out).items():
+        if key not in ("base_model", "datasets", "output_dir"):
+            base += ["--set", f"{key}={value}"]
+    return base
+
+
+def test_checkpoints_are_marked_with_last_and_best(tiny_model_dir, tmp_path):
+    data = write_json(tmp_path / "d.json", ROWS)
+    result = train(
+        load_config(overrides=settings(tiny_model_dir, data, tmp_path / "run")), quiet=True
+    )
+    folder = result.run_dir / "checkpoints"
+    assert [p.name for p in complete_checkpoints(folder)] == [
+        f"checkpoint-{s}" for s in (4, 8, 12, 16)
+    ]
+    last = json.loads((folder / "last" / "checkpoint.json").read_text())
+    best = json.loads((folder / "best" / "checkpoint.json").read_text())
+    assert last["step"] == 16 and (folder / "last" / "adapter_model.safetensors").is_file()
+    evals = {step: loss for (step, kind), loss in losses(result.run_dir).items() if kind == "eval"}
+    assert best["eval_loss"] == min(evals.values()) and best["step"] == min(evals, key=evals.get)
+
+
+def test_killed_run_resumes_to_the_same_losses(tiny_model_dir, tmp_path):
+    data = write_json(tmp_path / "d.json", ROWS)
+    whole = train(
+        load_config(overrides=settings(tiny_model_dir, data, tmp_path / "whole")), quiet=True
+    )
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cli(*args_for(tiny_model_dir, data, out), "--set", "max_steps=16"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "checkpoint-8" / MARKER).is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before step 8"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads((out / "status.json").read_text())["state"] == "running"  # it never knew
+    done = subprocess.run(
+        cli(*args_for(tiny_model_dir, data, out), "--resume"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "resuming from" in done.stdout
+    expected, got = losses(whole.run_dir), losses(out)
+    assert got.keys() == expected.keys()
+    assert all(abs(got[k] - expected[k]) < 1e-4 for k in expected), (got, expected)
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tiny_model_dir, tmp_path):
+    data = write_json(tmp_path / "d.json", ROWS)
+    out = tmp_path / "run"
+    args = args_for(tiny_model_dir, data, out) + [
+        "--set",
+        "max_steps=100000",
+        "--set",
+        "save_steps=100000",
+    ]
+    proc = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err and "--resume" in err
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "interrupted"
+    assert complete_checkpoints(out / "checkpoints")
+
+
+def test_resume_refuses_changed_data_or_rank(tiny_model_dir, tmp_path):
+    data = write_json(tmp_path / "d.json", ROWS)
+    out = tmp_path / "run"
+    first = settings(tiny_model_dir, data, out, max_steps=4)
+    train(load_config(overrides=first), quiet=True)
+    # mark it unfinished, as a crash would leave it
+    status = json.loads((out / "status.json").read_text())
+    (out / "status.json").write_text(json.dumps({**status, "state": "failed"}))
+    with pytest.raises(RunDirError, match="lora_r was 4, now 8"):
+        train(load_config(overrides={**first, "lora_r": 8}), quiet=True, resume=True)
+    write_json(data, ROWS[:-1])
+    with pytest.raises(RunDirError, match=f"data file {data} has changed"):
+        train(load_config(overrides=first), quiet=True, resume=True)
+
+
+def test_resume_of_a_finished_run_is_refused(tiny_model_dir, tmp_path, alpaca_file):
+    out = tmp_path / "run"
+    overrides = settings(tiny_model_dir, alpaca_file, out, max_steps=2, val_set_size=0)
+    train(load_config(overrides=overrides), quiet=True)
+    with pytest.raises(RunDirError, match="this run has finished"):
+        train(load_config(overrides=overrides), quiet=True, resume=True)
