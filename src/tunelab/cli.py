@@ -37,6 +37,8 @@ CONFIG_FLAGS: list[tuple[str, str, Callable[[str], Any]]] = [
     ("--optimizer", "optimizer", str),
     ("--seed", "seed", int),
     ("--save-steps", "save_steps", int),
+    ("--patience", "early_stopping_patience", int),
+    ("--overfitting-threshold", "overfitting_threshold", float),
 ]
 
 
@@ -68,6 +70,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides = {
         key: getattr(args, key) for _, key, _ in CONFIG_FLAGS if getattr(args, key) is not None
     }
+    if getattr(args, "force_epochs", None):
+        overrides["force_epochs"] = True
     per_source = {
         key: value
         for key, value in (
@@ -230,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint"
             )
+            p.add_argument(
+                "--force-epochs", action="store_const", const=True, dest="force_epochs",
+                help="train exactly the epochs asked for: no automatic stops [force_epochs]",
+            )  # fmt: skip
             p.add_argument(
                 "--sample", action="append", metavar="PROMPT",
                 help="print the model's answer to PROMPT before and after training; repeatable",

@@ -53,6 +53,12 @@ class RunDirError(TunelabError):
     exit_code = 2
 
 
+class TrainingFailed(TunelabError):
+    """A run that a stopping rule ended as failed (NaN, loss watchdog)."""
+
+    exit_code = 1
+
+
 class RunInterrupted(TunelabError):
     """A signal stopped the run after it saved a checkpoint."""
 

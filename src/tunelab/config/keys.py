@@ -24,7 +24,7 @@ UNSUPPORTED: frozenset[str] = frozenset(
     eval_batch_size lr_quadratic_warmup evals_per_epoch save_strategy
     save_first_step push_dataset_to_hub
     dataset_processes dataset_keep_in_memory lora_model_dir peft_layers_to_transform
-    lora_modules_to_save lora_fan_in_fan_out early_stopping_patience
+    lora_modules_to_save lora_fan_in_fan_out
     lr_scheduler_kwargs cosine_min_lr_ratio cosine_constant_lr_ratio lr_div_factor
     optim_args optim_target_modules adam_beta1 adam_beta2 adam_epsilon flash_optimum
     xformers_attention flash_attention flash_attn_cross_entropy flash_attn_rms_norm
@@ -32,7 +32,7 @@ UNSUPPORTED: frozenset[str] = frozenset(
     special_tokens tokens fsdp fsdp_config deepspeed ddp_timeout ddp_bucket_cap_mb
     ddp_broadcast_buffers wandb_project wandb_entity wandb_watch wandb_name wandb_run_id
     wandb_log_model mlflow_tracking_uri mlflow_experiment_name
-    eval_sample_packing pad_to_sequence_len loss_watchdog_threshold loss_watchdog_patience
+    eval_sample_packing pad_to_sequence_len
     strict chat_template_jinja torch_compile
     resume_from_checkpoint auto_resume_from_checkpoints plugins liger_rope liger_rms_norm
     liger_glu_activation liger_layer_norm liger_fused_linear_cross_entropy

@@ -180,6 +180,26 @@ class TrainingSection(_Strict):
     eval_steps: int | None = Field(
         None, ge=1, description="Evaluate every N updates; default once per epoch."
     )
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        description="Evaluations without improvement before stopping (default 3, text 5).",
+    )
+    overfitting_threshold: float | None = Field(
+        None,
+        gt=0,
+        description="Stop when validation loss exceeds training loss by this share "
+        "and stops improving (default 0.1, text 0.2).",
+    )
+    loss_watchdog_threshold: float | None = Field(
+        None, gt=0, description="Fail the run when training loss stays above this."
+    )
+    loss_watchdog_patience: int = Field(
+        3, ge=1, description="Logs in a row above loss_watchdog_threshold before failing."
+    )
+    force_epochs: bool = Field(
+        False, description="Train exactly the epochs or steps asked for: no automatic stops."
+    )
     save_steps: int | None = Field(
         None, ge=1, description="Save a checkpoint every N updates; default none until the end."
     )

@@ -99,13 +99,17 @@ class ConsoleProgressCallback(TrainerCallback):
                 parts["tok/s"] = f"{logs['tokens_per_second']:.0f}"
             self.bar.set_postfix(parts, refresh=True)
             line = self._line(state, parts)
-        elif "eval_loss" in logs:
-            line = f"eval at step {state.global_step}: eval_loss {_fmt(logs['eval_loss'])}"
-            if self.interactive:
-                self.bar.write(line, file=self.stream)
         else:
-            return
+            return  # evaluations are reported by the stopping rules' status line
         if not self.interactive and not self.quiet:
+            print(line, file=self.stream, flush=True)
+        self.echo(line)
+
+    def say(self, line: str) -> None:
+        """Print a line above the bar (or as a line of its own) and keep it for the log."""
+        if self.bar is not None and self.interactive:
+            self.bar.write(line, file=self.stream)
+        elif not self.quiet:
             print(line, file=self.stream, flush=True)
         self.echo(line)
 
@@ -120,3 +124,15 @@ class ConsoleProgressCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
             self.bar.close()
+
+
+class PlotCallback(TrainerCallback):
+    """Redraws training_history.png after every evaluation."""
+
+    def __init__(self, metrics: Path, plot: Path) -> None:
+        self.metrics, self.plot = metrics, plot
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        from tunelab.train.artifacts import plot_history, read_metrics
+
+        plot_history(read_metrics(self.metrics), self.plot)

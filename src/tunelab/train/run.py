@@ -20,7 +20,7 @@ import yaml
 from tunelab.config import LoadedConfig, TuneConfig, resolved_dict
 from tunelab.config.locations import resolve_model
 from tunelab.data.prepare import PreparedData, load_examples, prepare_data
-from tunelab.errors import RunInterrupted
+from tunelab.errors import RunInterrupted, TrainingFailed
 from tunelab.files import write_atomic
 from tunelab.train import artifacts
 from tunelab.train.checkpoints import MARKER, CheckpointCallback, EpochSeedCallback, StopOnSignal
@@ -40,6 +40,7 @@ from tunelab.train.rundir import (
     move_into,
     write_json,
 )
+from tunelab.train.stopping import StoppingRules, thresholds
 from tunelab.train.trainer import (
     build_adapter,
     build_trainer,
@@ -224,25 +225,32 @@ def prepare(
 
 def fit(
     prep: Prepared, layout: RunLayout, log: RunLog, quiet: bool, resume_from: Path | None = None
-) -> tuple[Any, StopOnSignal]:
-    """Train with transformers' Trainer; returns the trainer after its last step and the
-    signal watcher (which says whether a signal stopped the run early)."""
+) -> tuple[Any, StopOnSignal, StoppingRules]:
+    """Train with transformers' Trainer; returns the trainer after its last step, the
+    signal watcher and the stopping rules (which say whether and why the run ended early)."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
     from tunelab.train.callbacks import (
         ConsoleProgressCallback,
         MetricsFileCallback,
+        PlotCallback,
         ThroughputCallback,
     )
 
     writer = SummaryWriter(log_dir=str(layout.tensorboard))
     stopper = StopOnSignal()
+    console = ConsoleProgressCallback(log.write, quiet=quiet)
+    rules = StoppingRules(
+        thresholds(prep.config, [s.format for s in prep.data.sources]), console.say
+    )
     callbacks = [
         ThroughputCallback(),
         TensorBoardCallback(tb_writer=writer),
         MetricsFileCallback(layout.metrics),
-        ConsoleProgressCallback(log.write, quiet=quiet),
+        console,
+        rules,
+        PlotCallback(layout.metrics, layout.plot),
         CheckpointCallback(layout.checkpoints),
         stopper,
     ]
@@ -259,13 +267,13 @@ def fit(
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         step = trainer.state.global_step
-        stopped = stopper.received is not None
+        stopped = stopper.received is not None or rules.reason is not None
         if prep.data.eval and args.eval_strategy == "steps" and step % args.eval_steps:
             if not stopped:
                 trainer.evaluate()  # the validation loss of the weights being saved
     finally:
         writer.close()
-    return trainer, stopper
+    return trainer, stopper, rules
 
 
 def save_artifacts(prep: Prepared, trainer: Any, layout: RunLayout, started: str, clock: float):
@@ -330,13 +338,22 @@ def train(
     status = {"started": started, "total_steps": prep.steps, "fingerprint": current}
     write_json(layout.status, {"state": "running", **status})
     try:
-        trainer, stopper = fit(prep, layout, log, quiet, point)
+        trainer, stopper, rules = fit(prep, layout, log, quiet, point)
         steps = trainer.state.global_step
         if stopper.received is not None:
             raise RunInterrupted(
                 f"stopped by signal {stopper.received} at step {steps}; a checkpoint was saved",
                 "continue with the same command and --resume",
             )
+        if rules.failed:
+            raise TrainingFailed(
+                f"training failed: {rules.reason}",
+                f"the last good checkpoint (if any) is in {layout.checkpoints}; "
+                "try a lower learning_rate",
+            )
+        if rules.reason:
+            log(f"stopped early, {rules.reason}; keeping the best weights")
+            status["stop_reason"] = rules.reason
         losses = save_artifacts(prep, trainer, layout, started, clock)
         write_json(
             layout.status, {"state": "completed", **status, "finished": _now(), "steps": steps}

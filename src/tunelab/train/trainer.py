@@ -97,6 +97,12 @@ def training_arguments(
     save_steps = config.save_steps
     if config.saves_per_epoch:
         save_steps = max(1, per_epoch // config.saves_per_epoch)
+    # With validation and automatic stops, a checkpoint at every evaluation lets the run
+    # end with the best weights, not the last ones.
+    keep_best = has_eval and not config.force_epochs and save_steps is None
+    save_strategy = "steps" if save_steps else "no"
+    if keep_best:
+        save_strategy, save_steps = eval_strategy, config.eval_steps
     return TrainingArguments(
         output_dir=str(layout.checkpoints),
         per_device_train_batch_size=plan.micro_batch_size,
@@ -118,8 +124,9 @@ def training_arguments(
         max_grad_norm=config.max_grad_norm,
         eval_strategy=eval_strategy,
         eval_steps=config.eval_steps,
-        save_strategy="steps" if save_steps else "no",
+        save_strategy=save_strategy,
         save_steps=save_steps or 500,
+        load_best_model_at_end=keep_best,
         save_total_limit=config.save_total_limit,
         metric_for_best_model="eval_loss" if has_eval else None,
         greater_is_better=False if has_eval else None,
@@ -136,6 +143,7 @@ def training_arguments(
         use_cpu=plan.hardware.device == "cpu",
         include_num_input_tokens_seen="all" if config.sample_packing else "non_padding",
         prediction_loss_only=True,
+        logging_nan_inf_filter=False,  # a NaN is reported, never averaged away
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
