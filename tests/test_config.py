@@ -141,8 +141,11 @@ def test_runpod_example_request_validates(tmp_path, alpaca_file):
     assert loaded.config.lora_r == 16 and loaded.config.micro_batch_size == 2
     assert loaded.config.optimizer == "adamw_bnb_8bit"  # axolotl's adamw_8bit
     notes = "\n".join(loaded.notes)
-    for key in ("sample_packing=true", "flash_attention=true", "hub_model_id", "evals_per_epoch=4"):
+    for key in ("flash_attention=true", "hub_model_id", "wandb_project", "special_tokens"):
         assert key in notes
+    config = loaded.config
+    assert config.sample_packing and config.evals_per_epoch == 4 and config.saves_per_epoch == 1
+    assert config.loss_watchdog_threshold == 5 and config.loss_watchdog_patience == 3
     assert "input.user_id" in notes
     assert "load_in_8bit" in notes  # set to false: still named, never silently dropped
 

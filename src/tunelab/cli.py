@@ -38,6 +38,8 @@ CONFIG_FLAGS: list[tuple[str, str, Callable[[str], Any]]] = [
     ("--seed", "seed", int),
     ("--save-steps", "save_steps", int),
     ("--patience", "early_stopping_patience", int),
+    ("--mode", "mode", str),
+    ("--method", "adapter", str),
     ("--overfitting-threshold", "overfitting_threshold", float),
 ]
 

@@ -34,6 +34,11 @@ class LoadedConfig:
     config: TuneConfig
     notes: list[str] = field(default_factory=list)
     source: str | None = None
+    origins: dict[str, str] = field(default_factory=dict)  # top-level key -> file, flag, --set
+
+    def given(self, key: str) -> bool:
+        """Whether the user wrote ``key`` (in the file, a flag or --set)."""
+        return key in self.origins
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -262,11 +267,13 @@ def load_config(
     problems: list[str] = []
     data = unwrap_request(read_config_file(path), notes) if path else {}
     data = _rename_aliases(data, problems)
-    pairs = list((overrides or {}).items()) + [parse_set(s) for s in sets or []]
-    for key, value in pairs:
+    origins = {key: "file" for key in data}
+    flagged = [(k, v, "flag") for k, v in (overrides or {}).items()]
+    for key, value, origin in flagged + [(*parse_set(s), "--set") for s in sets or []]:
         head, _, rest = key.partition(".")
-        key = ALIASES.get(head, head) + (f".{rest}" if rest else "")
-        set_dotted(data, key, value)
+        head = ALIASES.get(head, head)
+        set_dotted(data, head + (f".{rest}" if rest else ""), value)
+        origins[head] = origin
     data = _split_unsupported(data, notes)
     source = str(path) if path else None
     problems += _location_problems(data, Path(path).parent if path else None)
@@ -277,7 +284,8 @@ def load_config(
     more, cross_notes = _cross_checks(config)
     if problems or more:
         raise ConfigError(problems + more, source)
-    return LoadedConfig(config, notes + cross_notes, source)
+    origins = {k: v for k, v in origins.items() if k in TuneConfig.model_fields}
+    return LoadedConfig(config, notes + cross_notes, source, origins)
 
 
 def resolved_dict(config: TuneConfig) -> dict[str, Any]:

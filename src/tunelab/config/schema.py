@@ -155,6 +155,9 @@ class DataSection(_Strict):
 
 
 class TrainingSection(_Strict):
+    mode: Literal["slow", "medium", "fast", "non-stop"] = Field(
+        "medium", description="Preset for learning rate, epochs and evaluations (see README)."
+    )
     micro_batch_size: int | None = Field(
         None, ge=1, description="Samples per step on each device; default chosen for the hardware."
     )
@@ -178,7 +181,10 @@ class TrainingSection(_Strict):
     weight_decay: float = Field(0.0, ge=0.0, description="Weight decay.")
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0: none).")
     eval_steps: int | None = Field(
-        None, ge=1, description="Evaluate every N updates; default once per epoch."
+        None, ge=1, description="Evaluate every N updates; default from evals_per_epoch."
+    )
+    evals_per_epoch: int | None = Field(
+        None, ge=1, description="Evaluations per epoch when eval_steps is not given."
     )
     early_stopping_patience: int | None = Field(
         None,

@@ -23,6 +23,7 @@ from tunelab.data.prepare import PreparedData, load_examples, prepare_data
 from tunelab.errors import RunInterrupted, TrainingFailed
 from tunelab.files import write_atomic
 from tunelab.train import artifacts
+from tunelab.train.auto import choose
 from tunelab.train.checkpoints import MARKER, CheckpointCallback, EpochSeedCallback, StopOnSignal
 from tunelab.train.models import load_model, load_tokenizer_and_processor, model_location
 from tunelab.train.preflight import Plan, detect_hardware, preflight
@@ -51,6 +52,8 @@ from tunelab.train.trainer import (
     total_steps,
     training_arguments,
 )
+
+USER = ("file", "flag", "--set")
 
 
 class RunLog:
@@ -175,6 +178,7 @@ class Prepared:
     per_epoch: int
     samples: list[Sample]
     processor: Any = None  # for image-text models
+    origins: dict[str, str] = field(default_factory=dict)  # setting -> where its value came from
 
 
 def prepare(
@@ -208,6 +212,11 @@ def prepare(
     )
     samples = [Sample(p, generate(model, tokenizer, p)) for p in sample_prompts]
 
+    n_params = sum(p.numel() for p in model.parameters())
+    config, origins = choose(loaded, config, getattr(model.config, "model_type", None), n_params)
+    chosen = [f"{k} {getattr(config, k)} ({why})" for k, why in origins.items() if why not in USER]
+    if chosen:
+        log(f"chosen automatically: {'; '.join(chosen)}")
     set_seed(config.seed)
     model = build_adapter(model, config, plan)
     steps = total_steps(config, plan, len(data.train))
@@ -220,7 +229,9 @@ def prepare(
     )
     if plan.reasons:
         log(f"chosen for this machine: {'; '.join(plan.reasons)}")
-    return Prepared(config, plan, data, tokenizer, model, steps, per_epoch, samples, processor)
+    return Prepared(
+        config, plan, data, tokenizer, model, steps, per_epoch, samples, processor, origins
+    )
 
 
 def fit(
@@ -286,7 +297,7 @@ def save_artifacts(prep: Prepared, trainer: Any, layout: RunLayout, started: str
     artifacts.plot_history(records, layout.plot)
     state = trainer.state
     info = _info(
-        prep.config, prep.plan, prep.data, trainer.model,
+        prep.config, prep.plan, prep.data, trainer.model, origins=prep.origins,
         steps=state.global_step, epochs=round(state.epoch or 0, 4), losses=losses,
         duration_s=round(time.perf_counter() - clock, 1), started=started, finished=_now(),
         tokens_seen=state.num_input_tokens_seen,

@@ -91,9 +91,11 @@ def training_arguments(
     else:
         warmup = config.warmup_ratio if config.warmup_ratio is not None else 0.03
     logging_steps = config.logging_steps or max(1, steps // 50)
-    eval_strategy = "no"
+    eval_strategy, eval_steps = "no", config.eval_steps
+    if has_eval and not eval_steps and config.evals_per_epoch:
+        eval_steps = max(1, per_epoch // config.evals_per_epoch)
     if has_eval:
-        eval_strategy = "steps" if config.eval_steps else "epoch"
+        eval_strategy = "steps" if eval_steps else "epoch"
     save_steps = config.save_steps
     if config.saves_per_epoch:
         save_steps = max(1, per_epoch // config.saves_per_epoch)
@@ -102,7 +104,7 @@ def training_arguments(
     keep_best = has_eval and not config.force_epochs and save_steps is None
     save_strategy = "steps" if save_steps else "no"
     if keep_best:
-        save_strategy, save_steps = eval_strategy, config.eval_steps
+        save_strategy, save_steps = eval_strategy, eval_steps
     return TrainingArguments(
         output_dir=str(layout.checkpoints),
         per_device_train_batch_size=plan.micro_batch_size,
@@ -123,7 +125,7 @@ def training_arguments(
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         eval_strategy=eval_strategy,
-        eval_steps=config.eval_steps,
+        eval_steps=eval_steps,
         save_strategy=save_strategy,
         save_steps=save_steps or 500,
         load_best_model_at_end=keep_best,

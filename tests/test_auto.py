@@ -1,0 +1,87 @@
+"""Automatic settings: modes, model families and sizes; the user's own keys always win."""
+
+import json
+
+from tunelab.config import load_config
+from tunelab.train.auto import choose, family_of, rank_for
+from tunelab.train.run import train
+
+
+def loaded(alpaca_file, **settings):
+    return load_config(
+        overrides={"datasets": [{"path": str(alpaca_file)}]},
+        sets=[f"{k}={v}" for k, v in settings.items()],
+    )
+
+
+def test_rank_table_by_model_size():
+    assert [rank_for(n) for n in (135e6, 1.5e9, 3.2e9, 8e9, 14e9, 70e9)] == [
+        8,
+        16,
+        32,
+        64,
+        128,
+        256,
+    ]
+
+
+def test_family_handlers():
+    assert family_of("llama").targets == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert family_of("gemma3_text").targets[-3:] == ("gate_proj", "up_proj", "down_proj")
+    assert family_of("gpt2").targets == ("c_attn", "c_proj")
+    assert family_of("phi").name == "phi" and family_of("something-new").targets is None
+
+
+def test_modes_change_only_what_the_user_left_open(alpaca_file):
+    for mode, lr, epochs, evals in (
+        ("slow", 1e-4, 5, 1),
+        ("medium", 2e-4, 3, 2),
+        ("fast", 4e-4, 1, 4),
+    ):
+        cfg = loaded(alpaca_file, mode=mode)
+        config, why = choose(cfg, cfg.config, "llama", 135_000_000)
+        assert (config.learning_rate, config.num_epochs, config.evals_per_epoch) == (
+            lr,
+            epochs,
+            evals,
+        )
+        assert why["learning_rate"] == f"mode {mode}" and not config.force_epochs
+    cfg = loaded(alpaca_file, mode="fast", learning_rate=1e-5, lora_r=4)
+    config, why = choose(cfg, cfg.config, "llama", 8_000_000_000)
+    assert config.learning_rate == 1e-5 and why["learning_rate"] == "--set"
+    assert config.lora_r == 4 and config.lora_target_modules == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+    ]
+    assert why["lora_target_modules"] == "llama family handler"
+    nonstop = loaded(alpaca_file, mode="non-stop")
+    config, _ = choose(nonstop, nonstop.config, None, 10)
+    assert (
+        config.force_epochs
+        and config.learning_rate == 2e-4 * 0.3
+        and config.lora_targets == "all-linear"
+    )
+
+
+def test_size_rank_and_linear_choice(alpaca_file):
+    cfg = loaded(alpaca_file, lora_target_linear=True)
+    config, why = choose(cfg, cfg.config, "llama", 2_000_000_000)
+    assert (
+        config.lora_r == 16
+        and why["lora_r"] == "model size 2.0B"
+        and config.lora_targets == "all-linear"
+    )
+
+
+def test_a_run_records_where_settings_came_from(tiny_model_dir, alpaca_file, tmp_path):
+    overrides = {"base_model": str(tiny_model_dir), "datasets": [{"path": str(alpaca_file)}],
+                 "max_steps": 2, "output_dir": str(tmp_path / "run")}  # fmt: skip
+    result = train(load_config(overrides=overrides, sets=["mode=fast"]), quiet=True)
+    info = json.loads((result.run_dir / "adapter_info.json").read_text())
+    assert info["origins"]["mode"] == "--set" and info["origins"]["learning_rate"] == "mode fast"
+    assert (
+        info["origins"]["lora_r"].startswith("model size")
+        and info["effective"]["learning_rate"] == 4e-4
+    )
