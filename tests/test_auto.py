@@ -85,3 +85,36 @@ def test_a_run_records_where_settings_came_from(tiny_model_dir, alpaca_file, tmp
         info["origins"]["lora_r"].startswith("model size")
         and info["effective"]["learning_rate"] == 4e-4
     )
+
+
+def test_dry_run_json_plans_without_training(tiny_model_dir, alpaca_file, tmp_path, capsys):
+    from tunelab.cli import main
+
+    out = tmp_path / "never"
+    args = [
+        "train",
+        "--data",
+        str(alpaca_file),
+        "--base-model",
+        str(tiny_model_dir),
+        "--output",
+        str(out),
+    ]
+    assert main([*args, "--dry-run", "--json", "--mode", "slow", "--lora-r", "4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    settings = report["settings"]
+    assert settings["lora_r"] == {"value": 4, "from": "flag"}
+    assert settings["learning_rate"] == {"value": 1e-4, "from": "mode slow"}
+    assert settings["lora_target_modules"]["from"] == "llama family handler"
+    assert settings["lora_alpha"] == {"value": 8, "from": "2 x lora_r"}
+    assert settings["precision"] == {"value": "fp32", "from": "hardware"}
+    assert (
+        report["parameters"]["trainable"] > 0
+        and report["parameters"]["total"] > report["parameters"]["trainable"]
+    )
+    assert report["steps"] == 5 * report["steps_per_epoch"] and report["tokens_per_epoch"] > 0
+    assert report["estimate"]["seconds"] > 0 and report["estimate"]["memory_gib"] > 0
+    assert not out.exists()
+    assert main([*args, "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "settings (value, from):" in text and "estimate: about" in text

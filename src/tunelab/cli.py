@@ -169,6 +169,15 @@ def _print_samples(result) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from tunelab.train.run import train
 
+    if args.dry_run:
+        import json
+
+        from tunelab.train import dryrun
+
+        report = dryrun.dry_run(_load(args))
+        print(json.dumps(report, indent=1, default=str) if args.json else dryrun.describe(report))
+        return 0
+
     result = train(
         _load(args), overwrite=args.overwrite, sample_prompts=args.sample or (),
         resume=args.resume, resume_from=args.resume_from,
@@ -236,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint"
             )
+            p.add_argument("--dry-run", action="store_true", help="print the plan; train nothing")
+            p.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
             p.add_argument(
                 "--force-epochs", action="store_const", const=True, dest="force_epochs",
                 help="train exactly the epochs asked for: no automatic stops [force_epochs]",
