@@ -316,3 +316,33 @@ def test_interrupted_overwrite_keeps_the_old_run(tiny_model_dir, alpaca_file, tm
     assert (out / "adapter_model.safetensors").read_bytes() == weights
     assert json.loads((out / "status.json").read_text())["state"] == "completed"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_tensorboard_serves_past_runs(trained):
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tunelab.train.board import free_port
+
+    port = free_port(16006)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunelab.cli", "tensorboard", str(trained.run_dir.parent), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        deadline, status = time.monotonic() + 90, None
+        while status != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                "TensorBoard did not come up"
+            )
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/runs", timeout=2) as r:
+                    status, runs = r.status, r.read().decode()
+            except OSError:
+                time.sleep(0.2)
+        assert "logs" in runs  # the run's event files are found
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

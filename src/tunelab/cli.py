@@ -178,13 +178,33 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=1, default=str) if args.json else dryrun.describe(report))
         return 0
 
-    result = train(
-        _load(args), overwrite=args.overwrite, sample_prompts=args.sample or (),
-        resume=args.resume, resume_from=args.resume_from,
-    )  # fmt: skip
+    loaded = _load(args)
+    board = None
+    wanted = args.tensorboard_port is not None or (sys.stderr.isatty() and not args.no_tensorboard)
+    if wanted and not args.no_tensorboard:
+        from tunelab.train import board as tb
+
+        logs = Path(loaded.config.output_dir or "outputs/run").resolve().parent
+        board, port = tb.start(logs, args.tensorboard_port or 6006)
+        print(f"TensorBoard: http://127.0.0.1:{port}/ (while training)", flush=True)
+    try:
+        result = train(
+            loaded, overwrite=args.overwrite, sample_prompts=args.sample or (),
+            resume=args.resume, resume_from=args.resume_from,
+        )  # fmt: skip
+    finally:
+        if board is not None:
+            tb.stop(board)
     _print_samples(result)
     print(f"\nadapter saved in {result.run_dir}")
+    print(f"past runs' curves: tunelab tensorboard {result.run_dir.parent}")
     return 0
+
+
+def cmd_tensorboard(args: argparse.Namespace) -> int:
+    from tunelab.train import board
+
+    return board.serve(Path(args.dir), args.port)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -207,6 +227,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "data inspect": (cmd_inspect, "show what tunelab makes of a dataset, tokens and all"),
     "preprocess": (cmd_preprocess, "tokenize the data once and keep it for training to reuse"),
     "demo": (cmd_demo, "train the built-in model on the bundled demo data"),
+    "tensorboard": (cmd_tensorboard, "show the training curves of past runs in TensorBoard"),
 }
 CONFIG_COMMANDS = ("train", "validate", "data inspect", "preprocess")
 
@@ -246,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint"
             )
             p.add_argument("--dry-run", action="store_true", help="print the plan; train nothing")
+            p.add_argument(
+                "--no-tensorboard",
+                action="store_true",
+                help="do not start TensorBoard (it starts with training on a terminal)",
+            )
+            p.add_argument("--tensorboard-port", type=int, help="start TensorBoard on this port")
             p.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
             p.add_argument(
                 "--force-epochs", action="store_const", const=True, dest="force_epochs",
@@ -255,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "--sample", action="append", metavar="PROMPT",
                 help="print the model's answer to PROMPT before and after training; repeatable",
             )  # fmt: skip
+        if name == "tensorboard":
+            p.add_argument("dir", nargs="?", default="outputs", help="a run or a folder of runs")
+            p.add_argument(
+                "--port", type=int, default=6006, help="port (default 6006, or the next free)"
+            )
         if name == "demo":
             p.add_argument("--output", default="outputs/demo", help="where to put the demo run")
     return parser
