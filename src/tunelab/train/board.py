@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -56,9 +57,16 @@ def serve(logdir: Path, port: int) -> int:
         )
     port = free_port(port)
     print(f"TensorBoard for {logdir} at http://127.0.0.1:{port}/ (Ctrl-C stops it)", flush=True)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)  # stop the server with this process
     process = subprocess.Popen(command(logdir, port), stderr=subprocess.DEVNULL)
     try:
         return process.wait()
     except KeyboardInterrupt:
-        stop(process)
         return 0
+    finally:
+        stop(process)
+        signal.signal(signal.SIGTERM, previous)
