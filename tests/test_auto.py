@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tunelab.config import load_config
 from tunelab.train.auto import choose, family_of, rank_for
 from tunelab.train.run import train
@@ -118,3 +120,42 @@ def test_dry_run_json_plans_without_training(tiny_model_dir, alpaca_file, tmp_pa
     assert main([*args, "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "settings (value, from):" in text and "estimate: about" in text
+
+
+def test_adaptive_mode_lowers_the_rate_on_plateaus(tiny_model_dir, tmp_path):
+    from .conftest import write_json
+
+    data = write_json(tmp_path / "d.json", [{"instruction": f"Item {i}?", "output": f"Answer {i}"} for i in range(16)])
+    overrides = {"base_model": str(tiny_model_dir), "datasets": [{"path": str(data)}], "val_set_size": 4,
+                 "max_steps": 24, "eval_steps": 2, "learning_rate": 5.0, "output_dir": str(tmp_path / "run"), "force_epochs": True,
+                 "logging_steps": 1}  # fmt: skip
+    result = train(load_config(overrides=overrides, sets=["mode=adaptive"]), quiet=True)
+    info = json.loads((result.run_dir / "adapter_info.json").read_text())
+    assert info["config"]["lr_scheduler"] == "reduce_lr_on_plateau"
+    assert info["origins"]["lr_scheduler"] == "mode adaptive"
+    rates = [
+        json.loads(x)["learning_rate"]
+        for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in x
+    ]
+    assert rates[0] == 5.0 and min(rates) <= 2.5  # halved after validation loss stalled
+
+
+def test_adaptive_mode_needs_validation(tiny_model_dir, alpaca_file, tmp_path):
+    from tunelab.errors import ConfigError
+
+    overrides = {"base_model": str(tiny_model_dir), "datasets": [{"path": str(alpaca_file)}], "val_set_size": 0,
+                 "output_dir": str(tmp_path / "run")}  # fmt: skip
+    with pytest.raises(ConfigError, match="needs a validation set"):
+        train(load_config(overrides=overrides, sets=["mode=adaptive"]), quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_8bit_needs_a_gpu(alpaca_file, tmp_path, capsys):
+    from tunelab.cli import main
+
+    code = main(
+        ["train", "--data", str(alpaca_file), "--use-8bit", "--output", str(tmp_path / "o")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "load_in_8bit (--use-8bit) needs a CUDA GPU with bitsandbytes" in err

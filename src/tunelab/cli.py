@@ -74,6 +74,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
     if getattr(args, "force_epochs", None):
         overrides["force_epochs"] = True
+    if getattr(args, "use_8bit", None):
+        overrides["load_in_8bit"] = True
     per_source = {
         key: value
         for key, value in (
@@ -267,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint"
             )
             p.add_argument("--dry-run", action="store_true", help="print the plan; train nothing")
+            p.add_argument(
+                "--use-8bit", action="store_true",
+                help="load the base model in 8-bit (CUDA GPU, bitsandbytes) [load_in_8bit]",
+            )  # fmt: skip
             p.add_argument(
                 "--no-tensorboard",
                 action="store_true",

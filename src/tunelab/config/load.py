@@ -230,6 +230,8 @@ def _cross_checks(config: TuneConfig) -> tuple[list[str], list[str]]:
         problems.append("datasets: no training data; give --data FILE or a datasets list")
     if config.bf16 is True and config.fp16:
         problems.append("fp16: cannot train in both bf16 and fp16; set one of them to false")
+    if config.load_in_8bit and config.adapter != "lora":
+        problems.append("load_in_8bit: works with adapter: lora (qlora is 4-bit already)")
     if config.save_steps is not None and config.saves_per_epoch is not None:
         problems.append("saves_per_epoch: give save_steps or saves_per_epoch, not both")
     if config.warmup_steps is not None and config.warmup_ratio is not None:

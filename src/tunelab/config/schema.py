@@ -28,7 +28,12 @@ DatasetType = Literal[
 ]
 AdapterType = Literal["lora", "qlora", "full"]
 SchedulerType = Literal[
-    "constant", "linear", "cosine", "constant_with_warmup", "cosine_with_min_lr"
+    "constant",
+    "linear",
+    "cosine",
+    "constant_with_warmup",
+    "cosine_with_min_lr",
+    "reduce_lr_on_plateau",
 ]
 OptimizerType = Literal[
     "adamw_torch",
@@ -155,7 +160,7 @@ class DataSection(_Strict):
 
 
 class TrainingSection(_Strict):
-    mode: Literal["slow", "medium", "fast", "non-stop"] = Field(
+    mode: Literal["slow", "medium", "fast", "non-stop", "adaptive"] = Field(
         "medium", description="Preset for learning rate, epochs and evaluations (see README)."
     )
     micro_batch_size: int | None = Field(
@@ -227,6 +232,9 @@ class TrainingSection(_Strict):
         "auto", description="Train in bfloat16; 'auto' uses it where the GPU supports it."
     )
     fp16: bool = Field(False, description="Train in float16 mixed precision (GPU only).")
+    load_in_8bit: bool = Field(
+        False, description="Load the base model in 8-bit (bitsandbytes, CUDA GPU) under LoRA."
+    )
     tf32: bool = Field(False, description="Allow TF32 matmuls (NVIDIA Ampere or newer).")
 
     @field_validator("optimizer", mode="before")

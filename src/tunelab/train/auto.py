@@ -19,6 +19,7 @@ class Mode:
     evals_per_epoch: int
     automatic_stops: bool
     summary: str
+    scheduler: str | None = None
 
 
 MODES: dict[str, Mode] = {
@@ -28,6 +29,10 @@ MODES: dict[str, Mode] = {
     "non-stop": Mode(
         0.3, 10_000, 1, False, "0.3x the learning rate, no epoch limit and no automatic "
         "stops: runs until stopped (Ctrl-C saves a checkpoint)"
+    ),
+    "adaptive": Mode(
+        1.0, 5, 4, True, "the base learning rate, halved whenever validation loss stalls "
+        "(reduce_lr_on_plateau), 5 epochs, 4 evaluations per epoch", "reduce_lr_on_plateau",
     ),
 }  # fmt: skip
 
@@ -91,6 +96,8 @@ def choose(
         put("evals_per_epoch", mode.evals_per_epoch, f"mode {config.mode}")
     if not mode.automatic_stops:
         put("force_epochs", True, f"mode {config.mode}")
+    if mode.scheduler:
+        put("lr_scheduler", mode.scheduler, f"mode {config.mode}")
     if config.adapter != "full":
         put("lora_r", rank_for(n_params), f"model size {_size(n_params)}")
         family = family_of(model_type)

@@ -52,8 +52,14 @@ def preflight(config: TuneConfig, hw: Hardware) -> Plan:
     """Check ``config`` against ``hw`` and choose precision, batch size and checkpointing."""
     problems: list[str] = []
     gpu = hw.device == "cuda"
-    needs_bnb = config.adapter == "qlora" or config.optimizer in BNB_OPTIMIZERS
-    what = "adapter: qlora" if config.adapter == "qlora" else f"optimizer: {config.optimizer}"
+    needs_bnb = (
+        config.adapter == "qlora" or config.load_in_8bit or config.optimizer in BNB_OPTIMIZERS
+    )
+    what = f"optimizer: {config.optimizer}"
+    if config.load_in_8bit:
+        what = "load_in_8bit (--use-8bit)"
+    if config.adapter == "qlora":
+        what = "adapter: qlora"
     if needs_bnb and not gpu:
         problems.append(
             f"{what} needs a CUDA GPU with bitsandbytes; this machine has none "

@@ -20,7 +20,7 @@ import yaml
 from tunelab.config import LoadedConfig, TuneConfig, resolved_dict
 from tunelab.config.locations import resolve_model
 from tunelab.data.prepare import PreparedData, load_examples, prepare_data
-from tunelab.errors import RunInterrupted, TrainingFailed
+from tunelab.errors import ConfigError, RunInterrupted, TrainingFailed
 from tunelab.files import write_atomic
 from tunelab.train import artifacts
 from tunelab.train.auto import choose
@@ -217,6 +217,11 @@ def prepare(
     chosen = [f"{k} {getattr(config, k)} ({why})" for k, why in origins.items() if why not in USER]
     if chosen:
         log(f"chosen automatically: {'; '.join(chosen)}")
+    if config.lr_scheduler == "reduce_lr_on_plateau" and not data.eval:
+        raise ConfigError(
+            ["lr_scheduler: reduce_lr_on_plateau (mode adaptive) needs a validation set; "
+             "set val_set_size above 0 or choose another mode"]
+        )  # fmt: skip
     set_seed(config.seed)
     model = build_adapter(model, config, plan)
     steps = total_steps(config, plan, len(data.train))

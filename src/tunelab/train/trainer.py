@@ -21,10 +21,13 @@ def torch_dtype(plan: Plan, config: TuneConfig) -> Any:
 
 def quantization(config: TuneConfig, plan: Plan) -> Any:
     """4-bit NF4 settings for QLoRA, else None."""
+    from transformers import BitsAndBytesConfig
+
+    if config.load_in_8bit and config.adapter == "lora":
+        return BitsAndBytesConfig(load_in_8bit=True)
     if config.adapter != "qlora":
         return None
     import torch
-    from transformers import BitsAndBytesConfig
 
     compute = torch.bfloat16 if plan.precision == "bf16" else torch.float16
     return BitsAndBytesConfig(
@@ -44,7 +47,7 @@ def build_adapter(model: Any, config: TuneConfig, plan: Plan) -> Any:
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if config.adapter == "qlora":
+    if config.adapter == "qlora" or config.load_in_8bit:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=plan.gradient_checkpointing
         )
@@ -78,6 +81,12 @@ def total_steps(config: TuneConfig, plan: Plan, n_train: int) -> int:
     if config.max_steps:
         return config.max_steps
     return math.ceil(config.num_epochs * steps_per_epoch(config, plan, n_train))
+
+
+SCHEDULER_KWARGS = {
+    "cosine_with_min_lr": {"min_lr_rate": 0.1},
+    "reduce_lr_on_plateau": {"factor": 0.5, "patience": 1},
+}
 
 
 def training_arguments(
@@ -117,9 +126,7 @@ def training_arguments(
         max_steps=config.max_steps or -1,
         learning_rate=config.learning_rate_value,
         lr_scheduler_type=config.lr_scheduler,
-        lr_scheduler_kwargs={"min_lr_rate": 0.1}
-        if config.lr_scheduler == "cosine_with_min_lr"
-        else None,
+        lr_scheduler_kwargs=SCHEDULER_KWARGS.get(config.lr_scheduler),
         warmup_steps=warmup,
         optim=config.optimizer,
         weight_decay=config.weight_decay,
