@@ -147,7 +147,7 @@ def test_runpod_example_request_validates(tmp_path, alpaca_file):
     assert config.sample_packing and config.evals_per_epoch == 4 and config.saves_per_epoch == 1
     assert config.loss_watchdog_threshold == 5 and config.loss_watchdog_patience == 3
     assert "input.user_id" in notes
-    assert "load_in_8bit" in notes  # set to false: still named, never silently dropped
+    assert "load_in_4bit" in notes  # set to false: still named, never silently dropped
 
 
 def test_misspelt_builtin_name_suggests_it(alpaca_file):
