@@ -125,7 +125,10 @@ def test_dry_run_json_plans_without_training(tiny_model_dir, alpaca_file, tmp_pa
 def test_adaptive_mode_lowers_the_rate_on_plateaus(tiny_model_dir, tmp_path):
     from .conftest import write_json
 
-    data = write_json(tmp_path / "d.json", [{"instruction": f"Item {i}?", "output": f"Answer {i}"} for i in range(16)])
+    data = write_json(
+        tmp_path / "d.json",
+        [{"instruction": f"Item {i}?", "output": f"Answer {i}"} for i in range(16)],
+    )
     overrides = {"base_model": str(tiny_model_dir), "datasets": [{"path": str(data)}], "val_set_size": 4,
                  "max_steps": 24, "eval_steps": 2, "learning_rate": 5.0, "output_dir": str(tmp_path / "run"), "force_epochs": True,
                  "logging_steps": 1}  # fmt: skip
@@ -159,3 +162,51 @@ def test_8bit_needs_a_gpu(alpaca_file, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "load_in_8bit (--use-8bit) needs a CUDA GPU with bitsandbytes" in err
+
+
+def test_continue_training_a_finished_adapter(tiny_model_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from tunelab.errors import ConfigError, RunDirError
+
+    from .conftest import MEMORISE, write_json
+
+    first = write_json(tmp_path / "a.json", MEMORISE)
+    second = write_json(
+        tmp_path / "b.json",
+        [{"instruction": "New?", "output": "Yes."}, {"instruction": "Old?", "output": "No."}],
+    )
+    base = {"base_model": str(tiny_model_dir), "val_set_size": 0, "lora_r": 4, "lora_alpha": 8}
+    a = train(load_config(overrides={**base, "datasets": [{"path": str(first)}], "max_steps": 3,
+                                     "learning_rate": 1e-2, "output_dir": str(tmp_path / "a")}), quiet=True)  # fmt: skip
+    # a vanishing learning rate: the continued run ends where the first one ended
+    cont = {"base_model": str(tiny_model_dir), "val_set_size": 0, "datasets": [{"path": str(second)}],
+            "max_steps": 1, "learning_rate": 1e-12, "lora_model_dir": str(a.run_dir),
+            "output_dir": str(tmp_path / "b")}  # fmt: skip
+    b = train(load_config(overrides=cont), quiet=True)
+    wa, wb = (
+        load_file(a.run_dir / "adapter_model.safetensors"),
+        load_file(b.run_dir / "adapter_model.safetensors"),
+    )
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    info = json.loads((b.run_dir / "adapter_info.json").read_text())
+    assert info["origins"]["lora_r"] == "lora_model_dir" and info["config"]["lora_r"] == 4
+    with pytest.raises(ConfigError, match="lora_r: the adapter has 4, the config asks for 16"):
+        train(
+            load_config(overrides={**cont, "lora_r": 16, "output_dir": str(tmp_path / "c")}),
+            quiet=True,
+        )
+    with pytest.raises(ConfigError, match="holds no adapter"):
+        load_config(overrides={**cont, "lora_model_dir": str(tmp_path)})
+    other = tmp_path / "other-base"
+    other.mkdir()
+    for f in tiny_model_dir.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(RunDirError, match="this adapter was trained on"):
+        train(
+            load_config(
+                overrides={**cont, "base_model": str(other), "output_dir": str(tmp_path / "d")}
+            ),
+            quiet=True,
+        )

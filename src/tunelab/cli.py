@@ -39,6 +39,7 @@ CONFIG_FLAGS: list[tuple[str, str, Callable[[str], Any]]] = [
     ("--save-steps", "save_steps", int),
     ("--patience", "early_stopping_patience", int),
     ("--mode", "mode", str),
+    ("--continue-from", "lora_model_dir", str),
     ("--method", "adapter", str),
     ("--overfitting-threshold", "overfitting_threshold", float),
 ]

@@ -23,7 +23,7 @@ UNSUPPORTED: frozenset[str] = frozenset(
     load_in_4bit gpu_memory_limit lora_on_cpu device_map max_memory
     eval_batch_size lr_quadratic_warmup save_strategy
     save_first_step push_dataset_to_hub
-    dataset_processes dataset_keep_in_memory lora_model_dir peft_layers_to_transform
+    dataset_processes dataset_keep_in_memory peft_layers_to_transform
     lora_modules_to_save lora_fan_in_fan_out
     lr_scheduler_kwargs cosine_min_lr_ratio cosine_constant_lr_ratio lr_div_factor
     optim_args optim_target_modules adam_beta1 adam_beta2 adam_epsilon flash_optimum

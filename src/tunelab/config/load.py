@@ -215,6 +215,12 @@ def _location_problems(data: dict[str, Any], source_dir: Path | None) -> list[st
                     f" did you mean '{source_dir / path}'?)"
                 )
             problems.append(f"datasets.{i}.path: {problem}")
+    adapter_dir = data.get("lora_model_dir")
+    if isinstance(adapter_dir, str) and adapter_dir.strip():
+        if not (Path(adapter_dir).expanduser() / "adapter_config.json").is_file():
+            problems.append(
+                f"lora_model_dir: '{adapter_dir}' holds no adapter (no adapter_config.json)"
+            )
     base_model = data.get("base_model")
     problem = model_problem(base_model) if isinstance(base_model, str) else None
     if problem:

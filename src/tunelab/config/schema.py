@@ -108,6 +108,9 @@ class AdapterSection(_Strict):
     lora_target_linear: bool | None = Field(
         None, description="Adapt every linear layer except the output head."
     )
+    lora_model_dir: str | None = Field(
+        None, description="Continue training this finished adapter (a run directory) on new data."
+    )
 
     @field_validator("adapter", mode="before")
     @classmethod

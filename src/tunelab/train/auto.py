@@ -76,6 +76,32 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
 
 
+def _continued_adapter(loaded: LoadedConfig, config: TuneConfig) -> dict[str, Any]:
+    """Rank, alpha and targets of the adapter being continued; the user may not change them."""
+    import json
+    from pathlib import Path
+
+    from tunelab.errors import ConfigError
+
+    saved = json.loads(
+        (Path(config.lora_model_dir).expanduser() / "adapter_config.json").read_text()
+    )
+    targets = saved.get("target_modules")
+    values = {
+        "lora_r": saved.get("r"),
+        "lora_alpha": saved.get("lora_alpha"),
+        "lora_target_modules": sorted(targets) if isinstance(targets, list) else None,
+    }
+    changed = [
+        f"{key}: the adapter has {values[key]}, the config asks for {getattr(config, key)}"
+        for key in ("lora_r", "lora_alpha")
+        if loaded.given(key) and getattr(config, key) != values[key]
+    ]
+    if changed:
+        raise ConfigError([*changed, "lora_model_dir: an adapter keeps its shape; leave these out"])
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def choose(
     loaded: LoadedConfig, config: TuneConfig, model_type: str | None, n_params: int
 ) -> tuple[TuneConfig, dict[str, str]]:
@@ -98,7 +124,10 @@ def choose(
         put("force_epochs", True, f"mode {config.mode}")
     if mode.scheduler:
         put("lr_scheduler", mode.scheduler, f"mode {config.mode}")
-    if config.adapter != "full":
+    if config.lora_model_dir:
+        updates.update(_continued_adapter(loaded, config))
+        why.update({k: "lora_model_dir" for k in ("lora_r", "lora_alpha", "lora_target_modules")})
+    elif config.adapter != "full":
         put("lora_r", rank_for(n_params), f"model size {_size(n_params)}")
         family = family_of(model_type)
         if family.targets and not loaded.given("lora_target_linear"):

@@ -20,7 +20,7 @@ import yaml
 from tunelab.config import LoadedConfig, TuneConfig, resolved_dict
 from tunelab.config.locations import resolve_model
 from tunelab.data.prepare import PreparedData, load_examples, prepare_data
-from tunelab.errors import ConfigError, RunInterrupted, TrainingFailed
+from tunelab.errors import ConfigError, RunDirError, RunInterrupted, TrainingFailed
 from tunelab.files import write_atomic
 from tunelab.train import artifacts
 from tunelab.train.auto import choose
@@ -39,6 +39,7 @@ from tunelab.train.rundir import (
     RunLayout,
     check_output_dir,
     move_into,
+    read_json,
     write_json,
 )
 from tunelab.train.stopping import StoppingRules, thresholds
@@ -181,6 +182,21 @@ class Prepared:
     origins: dict[str, str] = field(default_factory=dict)  # setting -> where its value came from
 
 
+def _check_adapter_base(adapter_dir: Path, location: str) -> None:
+    """An adapter continues only on the base model it was trained on."""
+    recorded = read_json(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
+    same = recorded == location or (
+        recorded
+        and Path(recorded).exists()
+        and Path(recorded).resolve() == Path(location).resolve()
+    )
+    if not same:
+        raise RunDirError(
+            f"{adapter_dir}: this adapter was trained on '{recorded}', not on '{location}'",
+            "set base_model to the model the adapter was trained on",
+        )
+
+
 def prepare(
     loaded: LoadedConfig, overwrite: bool, sample_prompts: Sequence[str], log: RunLog,
     resume: bool = False,
@@ -204,6 +220,8 @@ def prepare(
     ref = resolve_model(config.base_model)
     log(f"model: {ref.describe()}")
     location = model_location(ref, log)
+    if config.lora_model_dir:
+        _check_adapter_base(Path(config.lora_model_dir).expanduser(), location)
     tokenizer, processor = load_tokenizer_and_processor(location, ref)
     data = prepare_data(config, tokenizer, loaded_data, processor)
     _describe_data(log, data)

@@ -51,6 +51,10 @@ def build_adapter(model: Any, config: TuneConfig, plan: Plan) -> Any:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=plan.gradient_checkpointing
         )
+    if config.lora_model_dir:  # continue a finished adapter, with a fresh optimizer
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, config.lora_model_dir, is_trainable=True)
     vision = getattr(model.config, "vision_config", None) is not None
     lora = LoraConfig(
         # on an image-text model only the language part is adapted
