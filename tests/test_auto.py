@@ -210,3 +210,45 @@ def test_continue_training_a_finished_adapter(tiny_model_dir, tmp_path):
             ),
             quiet=True,
         )
+
+
+def test_circular_schedule_grows_the_batch():
+    from tunelab.train.circular import batch_size, schedule
+
+    batches, ends = schedule(16, 1, 30, seed=3)
+    assert [batch_size(c, 1, 16) for c in (0, 9, 10, 19, 20, 29)] == [1, 1, 2, 2, 4, 4]
+    assert len(batches) == 10 * 16 + 10 * 8 + 10 * 4 and ends[0] == 16 and ends[-1] == len(batches)
+    first_cycle = sorted(i for b in batches[: ends[0]] for i in b)
+    assert first_cycle == list(range(16))  # each cycle visits every sample once
+    assert batches[: ends[0]] != batches[ends[0] : ends[1]]  # in a new order
+
+
+def test_circular_run_cycles_until_the_cycles_run_out(tiny_model_dir, tmp_path):
+    from .conftest import write_json
+
+    data = write_json(
+        tmp_path / "d.json",
+        [{"instruction": f"Item {i}?", "output": f"Answer {i}"} for i in range(16)],
+    )
+    overrides = {"base_model": str(tiny_model_dir), "datasets": [{"path": str(data)}], "val_set_size": 0,
+                 "micro_batch_size": 1, "max_circular_epochs": 12, "learning_rate": 1e-3,
+                 "output_dir": str(tmp_path / "run"), "logging_steps": 1}  # fmt: skip
+    result = train(load_config(overrides=overrides, sets=["mode=circular"]), quiet=True)
+    assert result.steps == 10 * 16 + 2 * 8
+    info = json.loads((result.run_dir / "adapter_info.json").read_text())
+    assert info["origins"]["circular"] == "mode circular"
+
+
+def test_circular_validates_at_each_cycle_end(tiny_model_dir, tmp_path):
+    from .conftest import write_json
+
+    data = write_json(
+        tmp_path / "d.json",
+        [{"instruction": f"Item {i}?", "output": f"Answer {i}"} for i in range(20)],
+    )
+    overrides = {"base_model": str(tiny_model_dir), "datasets": [{"path": str(data)}], "val_set_size": 4,
+                 "micro_batch_size": 2, "max_circular_epochs": 3, "output_dir": str(tmp_path / "run"),
+                 "circular": True}  # fmt: skip
+    result = train(load_config(overrides=overrides), quiet=True)
+    records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [8, 16, 24]

@@ -40,6 +40,7 @@ CONFIG_FLAGS: list[tuple[str, str, Callable[[str], Any]]] = [
     ("--patience", "early_stopping_patience", int),
     ("--mode", "mode", str),
     ("--continue-from", "lora_model_dir", str),
+    ("--max-circular-epochs", "max_circular_epochs", int),
     ("--method", "adapter", str),
     ("--overfitting-threshold", "overfitting_threshold", float),
 ]
@@ -77,6 +78,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["force_epochs"] = True
     if getattr(args, "use_8bit", None):
         overrides["load_in_8bit"] = True
+    if getattr(args, "circular", None):
+        overrides["circular"] = True
     per_source = {
         key: value
         for key, value in (
@@ -270,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint"
             )
             p.add_argument("--dry-run", action="store_true", help="print the plan; train nothing")
+            p.add_argument(
+                "--circular",
+                action="store_true",
+                help="cycle a small dataset with a growing batch size [circular]",
+            )
             p.add_argument(
                 "--use-8bit", action="store_true",
                 help="load the base model in 8-bit (CUDA GPU, bitsandbytes) [load_in_8bit]",

@@ -163,7 +163,7 @@ class DataSection(_Strict):
 
 
 class TrainingSection(_Strict):
-    mode: Literal["slow", "medium", "fast", "non-stop", "adaptive"] = Field(
+    mode: Literal["slow", "medium", "fast", "non-stop", "adaptive", "circular"] = Field(
         "medium", description="Preset for learning rate, epochs and evaluations (see README)."
     )
     micro_batch_size: int | None = Field(
@@ -211,6 +211,10 @@ class TrainingSection(_Strict):
     loss_watchdog_patience: int = Field(
         3, ge=1, description="Logs in a row above loss_watchdog_threshold before failing."
     )
+    circular: bool = Field(
+        False, description="Cycle a small dataset with a growing batch size (see README)."
+    )
+    max_circular_epochs: int = Field(100, ge=1, description="Cycles of circular training.")
     force_epochs: bool = Field(
         False, description="Train exactly the epochs or steps asked for: no automatic stops."
     )

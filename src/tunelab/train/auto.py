@@ -30,6 +30,10 @@ MODES: dict[str, Mode] = {
         0.3, 10_000, 1, False, "0.3x the learning rate, no epoch limit and no automatic "
         "stops: runs until stopped (Ctrl-C saves a checkpoint)"
     ),
+    "circular": Mode(
+        1.0, 1, 1, True, "the base learning rate, the data cycled up to max_circular_epochs "
+        "times with a growing batch size, until the training loss is perfect",
+    ),
     "adaptive": Mode(
         1.0, 5, 4, True, "the base learning rate, halved whenever validation loss stalls "
         "(reduce_lr_on_plateau), 5 epochs, 4 evaluations per epoch", "reduce_lr_on_plateau",
@@ -122,6 +126,8 @@ def choose(
         put("evals_per_epoch", mode.evals_per_epoch, f"mode {config.mode}")
     if not mode.automatic_stops:
         put("force_epochs", True, f"mode {config.mode}")
+    if config.mode == "circular":
+        put("circular", True, "mode circular")
     if mode.scheduler:
         put("lr_scheduler", mode.scheduler, f"mode {config.mode}")
     if config.lora_model_dir:

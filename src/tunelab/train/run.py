@@ -288,7 +288,18 @@ def fit(
         CheckpointCallback(layout.checkpoints),
         stopper,
     ]
-    if prep.config.group_by_length:
+    cycles = None
+    if prep.config.circular:
+        from tunelab.train.circular import cycle_end_callback, schedule
+
+        cycles, ends = schedule(
+            len(prep.data.train), prep.plan.micro_batch_size, prep.config.max_circular_epochs,
+            prep.config.seed,
+        )  # fmt: skip
+        cycles = cycles[: prep.steps]
+        if prep.data.eval:
+            callbacks.append(cycle_end_callback(ends))
+    elif prep.config.group_by_length:
         callbacks.append(EpochSeedCallback())
     images = bool(prep.data.train) and "images" in prep.data.train[0]
     args = training_arguments(
@@ -296,7 +307,7 @@ def fit(
     )
     trainer = build_trainer(
         prep.model, prep.tokenizer, args, prep.data.train, prep.data.eval, callbacks,
-        prep.processor,
+        prep.processor, cycles,
     )  # fmt: skip
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

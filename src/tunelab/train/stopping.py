@@ -39,6 +39,7 @@ class Thresholds:
     watchdog: float | None
     watchdog_patience: int
     enabled: bool  # False with force_epochs: only the NaN stop stays
+    early: bool = True  # early stopping and overfitting (off in circular training)
 
 
 def thresholds(config: Any, formats: list[str]) -> Thresholds:
@@ -52,6 +53,7 @@ def thresholds(config: Any, formats: list[str]) -> Thresholds:
         watchdog=config.loss_watchdog_threshold,
         watchdog_patience=config.loss_watchdog_patience,
         enabled=not config.force_epochs,
+        early=not config.circular,
     )
 
 
@@ -127,6 +129,8 @@ class StoppingRules(TrainerCallback):
             self._stop(control, f"perfect: validation loss {loss:.4f} <= {rules.perfect}")
         elif rules.task == "text" and perplexity > 100 and self.was_sane_perplexity:
             self._stop(control, f"perplexity: validation perplexity rose to {perplexity:.1f}")
+        elif not rules.early:
+            pass
         elif left <= 0 and gap is not None and gap > rules.overfitting:
             self._stop(
                 control,

@@ -82,6 +82,14 @@ def steps_per_epoch(config: TuneConfig, plan: Plan, n_train: int) -> int:
 
 def total_steps(config: TuneConfig, plan: Plan, n_train: int) -> int:
     """Optimizer updates the run will make (as the Trainer counts them)."""
+    if config.circular:
+        from tunelab.train.circular import batch_size
+
+        cycles = range(config.max_circular_epochs)
+        steps = sum(
+            math.ceil(n_train / batch_size(c, plan.micro_batch_size, n_train)) for c in cycles
+        )
+        return min(steps, config.max_steps) if config.max_steps else steps
     if config.max_steps:
         return config.max_steps
     return math.ceil(config.num_epochs * steps_per_epoch(config, plan, n_train))
@@ -118,16 +126,22 @@ def training_arguments(
     save_strategy = "steps" if save_steps else "no"
     if keep_best:
         save_strategy, save_steps = eval_strategy, eval_steps
+    if config.circular:  # one scheduled batch per step, read in order; see circular.py
+        keep_best, eval_strategy, save_strategy = False, "no", "steps" if save_steps else "no"
     return TrainingArguments(
         output_dir=str(layout.checkpoints),
-        per_device_train_batch_size=plan.micro_batch_size,
+        per_device_train_batch_size=1 if config.circular else plan.micro_batch_size,
         per_device_eval_batch_size=plan.micro_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         train_sampling_strategy=(
-            "group_by_length" if config.group_by_length and not config.sample_packing else "random"
+            "sequential"
+            if config.circular
+            else "group_by_length"
+            if config.group_by_length and not config.sample_packing
+            else "random"
         ),
         num_train_epochs=config.num_epochs,
-        max_steps=config.max_steps or -1,
+        max_steps=steps if config.circular else (config.max_steps or -1),
         learning_rate=config.learning_rate_value,
         lr_scheduler_type=config.lr_scheduler,
         lr_scheduler_kwargs=SCHEDULER_KWARGS.get(config.lr_scheduler),
@@ -160,7 +174,7 @@ def training_arguments(
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
-        remove_unused_columns=not images,  # image paths reach the collator
+        remove_unused_columns=not (images or config.circular),  # extra columns reach the collator
     )
 
 
@@ -184,7 +198,7 @@ class PackedRowsCollator:
 
 def build_trainer(
     model: Any, tokenizer: Any, args: Any, train: list, evaluation: list, callbacks: list,
-    processor: Any = None,
+    processor: Any = None, cycles: list[list[int]] | None = None,
 ) -> Any:  # fmt: skip
     """A transformers Trainer whose only console output is tunelab's own callbacks."""
     from datasets import Dataset
@@ -201,10 +215,16 @@ def build_trainer(
         collator = PackedRowsCollator(flash)
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    train_rows = train
+    if cycles is not None:
+        from tunelab.train.circular import CycleCollator
+
+        collator = CycleCollator(train, collator)
+        train_rows = [{"members": batch} for batch in cycles]
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(train),
+        train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(evaluation) if evaluation else None,
         data_collator=collator,
         processing_class=tokenizer,
