@@ -22,6 +22,7 @@ def rules_for(formats=("alpaca",), **settings):
         loss_watchdog_threshold=settings.get("loss_watchdog_threshold"),
         loss_watchdog_patience=settings.get("loss_watchdog_patience", 3),
         force_epochs=settings.get("force_epochs", False),
+        circular=settings.get("circular", False),
     )
     lines = []
     return StoppingRules(thresholds(config, list(formats)), lines.append), lines
@@ -85,6 +86,14 @@ def test_perfect_loss_and_perplexity_on_text():
     assert feed(
         rules, [0.005], [], eval_strategy="no"
     ).should_training_stop  # no validation: training loss
+
+
+def test_circular_training_keeps_only_perfect_and_nan_stops():
+    rules, _ = rules_for(circular=True)
+    assert not feed(rules, [1.0], [1.0, 1.5, 2.0, 2.5, 3.0]).should_training_stop
+    assert feed(
+        rules, [0.005], [], eval_strategy="no"
+    ).should_training_stop and rules.reason.startswith("perfect:")
 
 
 def test_watchdog_and_nan_fail_the_run():
