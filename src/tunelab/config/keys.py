@@ -30,14 +30,22 @@ UNSUPPORTED: frozenset[str] = frozenset(
     xformers_attention flash_attention flash_attn_cross_entropy flash_attn_rms_norm
     flash_attn_fuse_qkv flash_attn_fuse_mlp sdp_attention s2_attention attn_implementation
     special_tokens tokens fsdp fsdp_config deepspeed ddp_timeout ddp_bucket_cap_mb
-    ddp_broadcast_buffers wandb_project wandb_entity wandb_watch wandb_name wandb_run_id
-    wandb_log_model mlflow_tracking_uri mlflow_experiment_name
+    ddp_broadcast_buffers wandb_watch wandb_log_model
     eval_sample_packing pad_to_sequence_len
     strict chat_template_jinja torch_compile
     resume_from_checkpoint auto_resume_from_checkpoints plugins liger_rope liger_rms_norm
     liger_glu_activation liger_layer_norm liger_fused_linear_cross_entropy
     """.split()
 )
+
+# Secrets never belong in a config (it is saved with every run): they come from the
+# environment.
+SECRETS: dict[str, str] = {
+    "wandb_api_key": "WANDB_API_KEY",
+    "hf_token": "HF_TOKEN",
+    "hub_token": "HF_TOKEN",
+    "mlflow_tracking_token": "MLFLOW_TRACKING_TOKEN",
+}
 
 # Keys of a ``datasets`` entry that tunelab does not read yet.
 UNSUPPORTED_DATASET_KEYS: frozenset[str] = frozenset(

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from tunelab.config.keys import (
     ALIASES,
     ENVELOPE_KEYS,
+    SECRETS,
     UNSUPPORTED,
     UNSUPPORTED_DATASET_KEYS,
     is_empty,
@@ -282,6 +283,12 @@ def load_config(
         head = ALIASES.get(head, head)
         set_dotted(data, head + (f".{rest}" if rest else ""), value)
         origins[head] = origin
+    for key in sorted(set(data) & set(SECRETS)):
+        data.pop(key)  # the value is never echoed
+        problems.append(
+            f"{key}: secrets do not belong in a config, which is saved with the run; "
+            f"set {SECRETS[key]} in the environment instead"
+        )
     data = _split_unsupported(data, notes)
     source = str(path) if path else None
     problems += _location_problems(data, Path(path).parent if path else None)

@@ -257,13 +257,31 @@ class TrainingSection(_Strict):
         return None if value == -1 else value
 
 
+class TrackingSection(_Strict):
+    wandb_project: str | None = Field(
+        None, description="Log to this Weights & Biases project (key from WANDB_API_KEY)."
+    )
+    wandb_entity: str | None = Field(None, description="W&B team or user.")
+    wandb_name: str | None = Field(None, description="W&B run name.")
+    wandb_run_id: str | None = Field(None, description="W&B run id (to continue a W&B run).")
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="W&B mode; 'offline' writes locally and needs no network."
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None, description="Log to this MLflow tracking server or file:// store."
+    )
+    mlflow_experiment_name: str | None = Field(None, description="MLflow experiment.")
+
+
 class OutputSection(_Strict):
     output_dir: str | None = Field(
         None, description="Run directory; default outputs/run-<date>-<time>."
     )
 
 
-class TuneConfig(OutputSection, TrainingSection, DataSection, AdapterSection, ModelSection):
+class TuneConfig(
+    TrackingSection, OutputSection, TrainingSection, DataSection, AdapterSection, ModelSection
+):
     """A whole training run. Build it with :func:`tunelab.config.load_config`."""
 
     @property

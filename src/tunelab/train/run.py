@@ -7,6 +7,7 @@ before the run directory is touched.
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from collections.abc import Sequence
@@ -51,6 +52,7 @@ from tunelab.train.trainer import (
     steps_per_epoch,
     torch_dtype,
     total_steps,
+    tracker_environment,
     training_arguments,
 )
 
@@ -309,6 +311,8 @@ def fit(
         prep.model, prep.tokenizer, args, prep.data.train, prep.data.eval, callbacks,
         prep.processor, cycles,
     )  # fmt: skip
+    saved_env = {k: os.environ.get(k) for k in tracker_environment(prep.config, layout.root)}
+    os.environ.update(tracker_environment(prep.config, layout.root))
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         step = trainer.state.global_step
@@ -318,6 +322,11 @@ def fit(
                 trainer.evaluate()  # the validation loss of the weights being saved
     finally:
         writer.close()
+        for key, value in saved_env.items():  # leave the environment as it was
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return trainer, stopper, rules
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from tunelab.config.schema import TuneConfig
@@ -95,6 +96,30 @@ def total_steps(config: TuneConfig, plan: Plan, n_train: int) -> int:
     return math.ceil(config.num_epochs * steps_per_epoch(config, plan, n_train))
 
 
+def trackers(config: TuneConfig) -> list[str]:
+    """The trainer's own experiment-tracker integrations the config asks for."""
+    out = []
+    if config.wandb_project or config.wandb_mode in ("online", "offline"):
+        out.append("wandb")
+    if config.mlflow_tracking_uri or config.mlflow_experiment_name:
+        out.append("mlflow")
+    return out
+
+
+def tracker_environment(config: TuneConfig, run_dir: Path) -> dict[str, str]:
+    """Settings the tracker integrations read from the environment (never the secrets)."""
+    pairs = {
+        "WANDB_PROJECT": config.wandb_project,
+        "WANDB_ENTITY": config.wandb_entity,
+        "WANDB_RUN_ID": config.wandb_run_id,
+        "WANDB_MODE": config.wandb_mode,
+        "WANDB_DIR": str(run_dir) if "wandb" in trackers(config) else None,
+        "MLFLOW_TRACKING_URI": config.mlflow_tracking_uri,
+        "MLFLOW_EXPERIMENT_NAME": config.mlflow_experiment_name,
+    }
+    return {k: v for k, v in pairs.items() if v}
+
+
 SCHEDULER_KWARGS = {
     "cosine_with_min_lr": {"min_lr_rate": 0.1},
     "reduce_lr_on_plateau": {"factor": 0.5, "patience": 1},
@@ -171,7 +196,8 @@ def training_arguments(
         include_num_input_tokens_seen="all" if config.sample_packing else "non_padding",
         prediction_loss_only=True,
         logging_nan_inf_filter=False,  # a NaN is reported, never averaged away
-        report_to="none",
+        report_to=trackers(config) or "none",
+        run_name=config.wandb_name,
         disable_tqdm=True,
         dataloader_num_workers=0,
         remove_unused_columns=not (images or config.circular),  # extra columns reach the collator
