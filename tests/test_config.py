@@ -116,7 +116,7 @@ def test_request_envelope(tmp_path, alpaca_file):
         "input": {
             "user_id": "u1",
             "credentials": {"hf_token": "secret-token"},
-            "args": {"datasets": [{"path": str(alpaca_file)}], "lora_r": 4, "wandb_project": "p"},
+            "args": {"datasets": [{"path": str(alpaca_file)}], "lora_r": 4, "wandb_watch": "all"},
         }
     }
     path = tmp_path / "request.json"
@@ -124,7 +124,7 @@ def test_request_envelope(tmp_path, alpaca_file):
     loaded = load_config(path)
     assert loaded.config.lora_r == 4
     notes = "\n".join(loaded.notes)
-    assert "input.user_id" in notes and 'wandb_project="p"' in notes
+    assert "input.user_id" in notes and 'wandb_watch="all"' in notes
     assert "credentials are ignored" in notes and "secret-token" not in notes
 
 
@@ -141,11 +141,12 @@ def test_runpod_example_request_validates(tmp_path, alpaca_file):
     assert loaded.config.lora_r == 16 and loaded.config.micro_batch_size == 2
     assert loaded.config.optimizer == "adamw_bnb_8bit"  # axolotl's adamw_8bit
     notes = "\n".join(loaded.notes)
-    for key in ("flash_attention=true", "hub_model_id", "wandb_project", "special_tokens"):
+    for key in ("flash_attention=true", "hub_model_id", "eval_sample_packing", "special_tokens"):
         assert key in notes
     config = loaded.config
     assert config.sample_packing and config.evals_per_epoch == 4 and config.saves_per_epoch == 1
     assert config.loss_watchdog_threshold == 5 and config.loss_watchdog_patience == 3
+    assert (config.wandb_project, config.wandb_entity) == ("test-run-1", "axo-test")
     assert "input.user_id" in notes
     assert "load_in_4bit" in notes  # set to false: still named, never silently dropped
 
