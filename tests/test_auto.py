@@ -252,3 +252,36 @@ def test_circular_validates_at_each_cycle_end(tiny_model_dir, tmp_path):
     result = train(load_config(overrides=overrides), quiet=True)
     records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_loss" in r] == [8, 16, 24]
+
+
+def test_batch_that_fits_the_memory():
+    from tunelab.train.dryrun import fitting_batch
+
+    def peak(batch):
+        return 10 + 2 * batch  # GiB: weights plus activations growing with the batch
+
+    assert fitting_batch(80, peak) == 16  # 10 + 32 = 42 <= 64; 10 + 64 = 74 > 64
+    assert fitting_batch(20, peak) == 2
+    assert fitting_batch(5, peak) == 1  # never below one
+
+
+def test_bitsandbytes_optimizers_are_refused_on_cpu(alpaca_file, tmp_path, capsys):
+    from tunelab.cli import main
+
+    for name in ("adamw_bnb_8bit", "paged_adamw_8bit", "lion_8bit"):
+        code = main(
+            [
+                "train",
+                "--data",
+                str(alpaca_file),
+                "--optimizer",
+                name,
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        assert (
+            code == 2
+            and f"optimizer: {name} needs a CUDA GPU with bitsandbytes" in capsys.readouterr().err
+        )
+    assert not (tmp_path / "o").exists()

@@ -57,6 +57,15 @@ def estimate(plan: Plan, config: Any, n_total: int, trainable: int, tokens: int,
     return {"seconds": float(f"{seconds:.3g}"), "memory_gib": float(f"{gib:.3g}")}
 
 
+def fitting_batch(memory_gib: float, peak_for: Any, start: int = 64, share: float = 0.8) -> int:
+    """The largest power-of-two batch (from ``start`` down to 1) whose estimated peak
+    memory ``peak_for(batch)`` stays within ``share`` of ``memory_gib``."""
+    batch = start
+    while batch > 1 and peak_for(batch) > share * memory_gib:
+        batch //= 2
+    return batch
+
+
 def dry_run(loaded: LoadedConfig) -> dict[str, Any]:
     """The plan as one JSON-ready object."""
     config = loaded.config

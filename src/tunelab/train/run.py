@@ -24,7 +24,7 @@ from tunelab.data.prepare import PreparedData, load_examples, prepare_data
 from tunelab.errors import ConfigError, RunDirError, RunInterrupted, TrainingFailed
 from tunelab.files import write_atomic
 from tunelab.train import artifacts
-from tunelab.train.auto import choose
+from tunelab.train.auto import choose, family_of
 from tunelab.train.checkpoints import MARKER, CheckpointCallback, EpochSeedCallback, StopOnSignal
 from tunelab.train.models import load_model, load_tokenizer_and_processor, model_location
 from tunelab.train.preflight import Plan, detect_hardware, preflight
@@ -199,6 +199,29 @@ def _check_adapter_base(adapter_dir: Path, location: str) -> None:
         )
 
 
+def _fit_plan(plan: Plan, config: Any, model: Any, n_params: int, data: Any, origins: dict) -> Plan:
+    """On a GPU, without a given micro_batch_size: the largest batch the memory estimate fits."""
+    import dataclasses
+
+    from tunelab.train.dryrun import estimate, fitting_batch
+
+    if plan.hardware.device != "cuda" or config.micro_batch_size or config.sample_packing:
+        return plan
+    text = getattr(model.config, "text_config", model.config)
+    trainable = n_params if config.adapter == "full" else n_params // 100
+
+    def peak(batch: int) -> float:
+        trial = dataclasses.replace(plan, micro_batch_size=batch)
+        return estimate(
+            trial, config, n_params, trainable, 0, getattr(text, "hidden_size", 1024),
+            getattr(text, "num_hidden_layers", 24), data.stats["max_length"],
+        )["memory_gib"]  # fmt: skip
+
+    batch = fitting_batch(plan.hardware.memory_gb or 0.0, peak)
+    origins["micro_batch_size"] = f"fits {plan.hardware.memory_gb:.0f} GiB"
+    return dataclasses.replace(plan, micro_batch_size=batch)
+
+
 def prepare(
     loaded: LoadedConfig, overwrite: bool, sample_prompts: Sequence[str], log: RunLog,
     resume: bool = False,
@@ -233,7 +256,11 @@ def prepare(
     samples = [Sample(p, generate(model, tokenizer, p)) for p in sample_prompts]
 
     n_params = sum(p.numel() for p in model.parameters())
-    config, origins = choose(loaded, config, getattr(model.config, "model_type", None), n_params)
+    model_type = getattr(model.config, "model_type", None)
+    config, origins = choose(loaded, config, model_type, n_params)
+    plan = _fit_plan(plan, config, model, n_params, data, origins)
+    if family_of(model_type).name == "gemma" and plan.precision == "fp16":
+        raise ConfigError(["fp16: gemma models overflow in float16; use bf16 (or fp32)"])
     chosen = [f"{k} {getattr(config, k)} ({why})" for k, why in origins.items() if why not in USER]
     if chosen:
         log(f"chosen automatically: {'; '.join(chosen)}")
