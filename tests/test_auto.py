@@ -285,3 +285,42 @@ def test_bitsandbytes_optimizers_are_refused_on_cpu(alpaca_file, tmp_path, capsy
             and f"optimizer: {name} needs a CUDA GPU with bitsandbytes" in capsys.readouterr().err
         )
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "flag, value, key, expected",
+    [
+        ("--epochs", "2", "num_epochs", 2.0),
+        ("--learning-rate", "3e-4", "learning_rate", 3e-4),
+        ("--batch-size", "2", "micro_batch_size", 2),
+        ("--gradient-accumulation-steps", "4", "gradient_accumulation_steps", 4),
+        ("--lora-r", "4", "lora_r", 4),
+        ("--lora-alpha", "32", "lora_alpha", 32),
+        ("--method", "full", "adapter", "full"),
+        ("--optimizer", "adafactor", "optimizer", "adafactor"),
+        ("--max-examples", "3", "max_examples", 3),
+        ("--validation-split", "0.25", "val_set_size", 0.25),
+        ("--patience", "7", "early_stopping_patience", 7),
+        ("--overfitting-threshold", "0.3", "overfitting_threshold", 0.3),
+        ("--mode", "fast", "mode", "fast"),
+        ("--max-circular-epochs", "5", "max_circular_epochs", 5),
+        ("--save-steps", "10", "save_steps", 10),
+        ("--force-epochs", None, "force_epochs", True),
+        ("--circular", None, "circular", True),
+    ],
+)
+def test_each_flag_sets_its_key(flag, value, key, expected, tiny_model_dir, alpaca_file, capsys):
+    from tunelab.cli import main
+
+    args = [
+        "train",
+        "--data",
+        str(alpaca_file),
+        "--base-model",
+        str(tiny_model_dir),
+        "--dry-run",
+        "--json",
+    ]
+    assert main([*args, flag] + ([value] if value is not None else [])) == 0
+    setting = json.loads(capsys.readouterr().out)["settings"][key]
+    assert setting == {"value": expected, "from": "flag"}
