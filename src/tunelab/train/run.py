@@ -454,9 +454,13 @@ def train(
     for sample in prep.samples:
         sample.after = generate(trainer.model, prep.tokenizer, sample.prompt)
     final, best = losses.get("final_loss", float("nan")), losses.get("best_eval_loss")
+    # tokens of this session only (a resumed run's state counts the earlier ones too)
+    tokens = trainer.state.num_input_tokens_seen - getattr(
+        trainer, "_initial_num_input_tokens_seen", 0
+    )
     log(
         f"done: {steps} steps in {duration:.0f}s "
-        f"({trainer.state.num_input_tokens_seen / duration:.0f} tokens/s), final loss {final:.4f}"
+        f"({tokens / duration:.0f} tokens/s), final loss {final:.4f}"
         + (f", best validation loss {best:.4f}" if best is not None else "")
     )
     log(f"saved: {layout.root}")
