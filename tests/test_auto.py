@@ -324,3 +324,31 @@ def test_each_flag_sets_its_key(flag, value, key, expected, tiny_model_dir, alpa
     assert main([*args, flag] + ([value] if value is not None else [])) == 0
     setting = json.loads(capsys.readouterr().out)["settings"][key]
     assert setting == {"value": expected, "from": "flag"}
+
+
+def test_review_edge_cases(tiny_model_dir, alpaca_file, tmp_path):
+    from tunelab.errors import ConfigError
+
+    # a key written as null (or max_steps: -1) does not count as given
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"datasets:\n  - path: {alpaca_file}\nmode: non-stop\nmax_steps: -1\nlearning_rate:\n"
+    )
+    got = load_config(cfg)
+    config, why = choose(got, got.config, None, 10)
+    assert config.num_epochs == 10_000 and why["learning_rate"] == "mode non-stop"
+    with pytest.raises(ConfigError, match="circular training grows its own batch"):
+        load_config(
+            overrides={
+                "datasets": [{"path": str(alpaca_file)}],
+                "circular": True,
+                "gradient_accumulation_steps": 2,
+            }
+        )
+    overrides = {
+        "base_model": str(tiny_model_dir),
+        "datasets": [{"path": str(alpaca_file)}],
+        "output_dir": str(tmp_path / "r"),
+    }
+    with pytest.raises(ConfigError, match="choose one"):
+        train(load_config(overrides=overrides), overwrite=True, resume=True, quiet=True)

@@ -154,8 +154,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    if not any(s.startswith("dataset_prepared_path=") for s in args.sets):
-        args.sets.append("dataset_prepared_path=" + (args.prepared_path or "last_run_prepared"))
+    given = any(s.startswith("dataset_prepared_path=") for s in args.sets)
+    if args.prepared_path and not given:
+        args.sets.append(f"dataset_prepared_path={args.prepared_path}")
+    elif not given and not (args.config and _load(args).config.dataset_prepared_path):
+        args.sets.append("dataset_prepared_path=last_run_prepared")
     _, _, data = _prepared(args)
     for note in data.notes:
         _stderr(f"note: {note}")

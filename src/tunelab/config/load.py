@@ -237,6 +237,10 @@ def _cross_checks(config: TuneConfig) -> tuple[list[str], list[str]]:
         problems.append("datasets: no training data; give --data FILE or a datasets list")
     if config.bf16 is True and config.fp16:
         problems.append("fp16: cannot train in both bf16 and fp16; set one of them to false")
+    if config.circular and config.gradient_accumulation_steps != 1:
+        problems.append(
+            "gradient_accumulation_steps: circular training grows its own batch; leave it at 1"
+        )
     if config.load_in_8bit and config.adapter != "lora":
         problems.append("load_in_8bit: works with adapter: lora (qlora is 4-bit already)")
     if config.save_steps is not None and config.saves_per_epoch is not None:
@@ -299,7 +303,11 @@ def load_config(
     more, cross_notes = _cross_checks(config)
     if problems or more:
         raise ConfigError(problems + more, source)
-    origins = {k: v for k, v in origins.items() if k in TuneConfig.model_fields}
+    origins = {
+        k: v
+        for k, v in origins.items()
+        if k in TuneConfig.model_fields and getattr(config, k) is not None  # null is "not given"
+    }
     return LoadedConfig(config, notes + cross_notes, source, origins)
 
 

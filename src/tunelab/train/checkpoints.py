@@ -52,24 +52,28 @@ class CheckpointCallback(TrainerCallback):
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.last_eval: float | None = None
-        self.best_eval: float | None = None
+        self.last_eval: tuple[int, float] | None = None  # (step, loss) of the latest evaluation
+        previous = folder / "best" / "checkpoint.json"  # a resumed run keeps its best
+        self.best_eval = (
+            json.loads(previous.read_text())["eval_loss"] if previous.exists() else None
+        )
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if metrics and "eval_loss" in metrics:
-            self.last_eval = metrics["eval_loss"]
+            self.last_eval = (state.global_step, metrics["eval_loss"])
 
     def on_save(self, args, state, control, **kwargs):
         path = self.folder / f"checkpoint-{state.global_step}"
         if not path.is_dir():
             return
-        record = {"step": state.global_step, "epoch": state.epoch, "eval_loss": self.last_eval}
+        # only an evaluation of these very weights says how good they are
+        evaluated = self.last_eval is not None and self.last_eval[0] == state.global_step
+        current = self.last_eval[1] if evaluated else None
+        record = {"step": state.global_step, "epoch": state.epoch, "eval_loss": current}
         write_atomic(path / MARKER, json.dumps(record))
         _copy_adapter(path, self.folder / "last", record)
-        if self.last_eval is not None and (
-            self.best_eval is None or self.last_eval < self.best_eval
-        ):
-            self.best_eval = self.last_eval
+        if current is not None and (self.best_eval is None or current < self.best_eval):
+            self.best_eval = current
             _copy_adapter(path, self.folder / "best", record)
 
 

@@ -14,8 +14,15 @@ from tunelab.train.rundir import RunLayout, read_json
 FIX = "train into a new --output, or pass --overwrite to start again"
 
 
-def fingerprint(config: TuneConfig, sources: list[Any]) -> dict[str, Any]:
-    """What a checkpoint depends on: the base model, the adapter's shape and the data."""
+RUN_KEYS = (
+    "seed", "val_set_size", "max_examples", "sequence_len", "chat_template", "train_on_inputs",
+    "sample_packing", "excess_length_strategy", "dataset_exact_deduplication",
+    "gradient_accumulation_steps", "circular", "max_circular_epochs", "group_by_length",
+)  # fmt: skip
+
+
+def fingerprint(config: TuneConfig, sources: list[Any], batch: int) -> dict[str, Any]:
+    """What a checkpoint depends on: base model, adapter shape, data and its order."""
     shape = {} if config.adapter == "full" else {
         "lora_r": config.lora_r,
         "lora_alpha": config.lora_alpha_value,
@@ -25,6 +32,8 @@ def fingerprint(config: TuneConfig, sources: list[Any]) -> dict[str, Any]:
         "base_model": config.base_model,
         "adapter": config.adapter,
         **shape,
+        **{key: getattr(config, key) for key in RUN_KEYS},
+        "micro_batch_size": batch,
         "data": {s.path: s.sha256 for s in sources},
     }
 

@@ -255,13 +255,18 @@ def prepare(
     )
     samples = [Sample(p, generate(model, tokenizer, p)) for p in sample_prompts]
 
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = model.num_parameters()  # counts 4-bit weights at their true size
     model_type = getattr(model.config, "model_type", None)
     config, origins = choose(loaded, config, model_type, n_params)
     plan = _fit_plan(plan, config, model, n_params, data, origins)
     if family_of(model_type).name == "gemma" and plan.precision == "fp16":
         raise ConfigError(["fp16: gemma models overflow in float16; use bf16 (or fp32)"])
-    chosen = [f"{k} {getattr(config, k)} ({why})" for k, why in origins.items() if why not in USER]
+    effective = {"micro_batch_size": plan.micro_batch_size}
+    chosen = [
+        f"{k} {effective.get(k, getattr(config, k))} ({why})"
+        for k, why in origins.items()
+        if why not in USER
+    ]
     if chosen:
         log(f"chosen automatically: {'; '.join(chosen)}")
     if config.lr_scheduler == "reduce_lr_on_plateau" and not data.eval:
@@ -381,7 +386,7 @@ def _open_run(
 ) -> tuple[RunDir, Path | None, dict[str, Any]]:
     """The run directory (new, staged, or the one being resumed) and where to resume from."""
     output_dir = Path(prep.config.output_dir)
-    current = fingerprint(prep.config, prep.data.sources)
+    current = fingerprint(prep.config, prep.data.sources, prep.plan.micro_batch_size)
     if not (resume or resume_from):
         return RunDir.create(output_dir, overwrite), None, current
     layout = RunLayout(output_dir.resolve())
@@ -409,6 +414,8 @@ def train(
     """
     from tunelab.infer.generate import generate
 
+    if overwrite and (resume or resume_from):
+        raise ConfigError(["--overwrite starts the run again; --resume continues it: choose one"])
     log = RunLog(quiet)
     prep = prepare(loaded, overwrite, sample_prompts, log, resume=bool(resume or resume_from))
     run, point, current = _open_run(prep, overwrite, resume, resume_from, log)
@@ -422,15 +429,22 @@ def train(
         trainer, stopper, rules = fit(prep, layout, log, quiet, point)
         steps = trainer.state.global_step
         if stopper.received is not None:
+            if run.layout.root != run.final:  # a replacement run: the old one stays
+                raise RunInterrupted(
+                    f"stopped by signal {stopper.received} at step {steps}; the run in "
+                    f"{run.final} was left as it was and this replacement was discarded",
+                    "run again with --overwrite to replace it",
+                )
             raise RunInterrupted(
                 f"stopped by signal {stopper.received} at step {steps}; a checkpoint was saved",
-                "continue with the same command and --resume",
+                f"continue with the same command plus --output {run.final} --resume",
             )
         if rules.failed:
+            kept = run.layout.root == run.final
             raise TrainingFailed(
                 f"training failed: {rules.reason}",
-                f"the last good checkpoint (if any) is in {layout.checkpoints}; "
-                "try a lower learning_rate",
+                (f"the last good checkpoint (if any) is in {layout.checkpoints}; " if kept else "")
+                + "try a lower learning_rate",
             )
         if rules.reason:
             log(f"stopped early, {rules.reason}; keeping the best weights")

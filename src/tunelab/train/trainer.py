@@ -59,7 +59,7 @@ def build_adapter(model: Any, config: TuneConfig, plan: Plan) -> Any:
     vision = getattr(model.config, "vision_config", None) is not None
     lora = LoraConfig(
         # on an image-text model only the language part is adapted
-        exclude_modules=VISION_MODULES if vision and config.lora_targets == "all-linear" else None,
+        exclude_modules=VISION_MODULES if vision else None,
         r=config.lora_r,
         lora_alpha=config.lora_alpha_value,
         lora_dropout=config.lora_dropout,
@@ -132,19 +132,23 @@ def training_arguments(
 ) -> Any:  # fmt: skip
     from transformers import TrainingArguments
 
+    # Defaults relative to the run's length use at most 3 epochs (or one, when shorter
+    # than that), so that a non-stop run still logs, warms up and evaluates sensibly.
+    epoch = min(per_epoch, steps)
+    horizon = min(steps, 3 * per_epoch)
     if config.warmup_steps is not None:
         warmup: float = config.warmup_steps
     else:
-        warmup = config.warmup_ratio if config.warmup_ratio is not None else 0.03
-    logging_steps = config.logging_steps or max(1, steps // 50)
+        warmup = config.warmup_ratio if config.warmup_ratio is not None else int(0.03 * horizon)
+    logging_steps = config.logging_steps or max(1, horizon // 50)
     eval_strategy, eval_steps = "no", config.eval_steps
     if has_eval and not eval_steps and config.evals_per_epoch:
-        eval_steps = max(1, per_epoch // config.evals_per_epoch)
+        eval_steps = max(1, epoch // config.evals_per_epoch)
     if has_eval:
         eval_strategy = "steps" if eval_steps else "epoch"
     save_steps = config.save_steps
     if config.saves_per_epoch:
-        save_steps = max(1, per_epoch // config.saves_per_epoch)
+        save_steps = max(1, epoch // config.saves_per_epoch)
     # With validation and automatic stops, a checkpoint at every evaluation lets the run
     # end with the best weights, not the last ones.
     keep_best = has_eval and not config.force_epochs and save_steps is None
