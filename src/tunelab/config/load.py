@@ -81,7 +81,7 @@ def unwrap_request(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
             f"not supported, ignored: request keys {', '.join('input.' + k for k in given)}"
         )
     creds = request.get("credentials") or {}
-    if any(not is_empty(v) for v in creds.values()):
+    if not isinstance(creds, dict) or any(not is_empty(v) for v in creds.values()):
         notes.append(
             "input.credentials are ignored and never saved: set HF_TOKEN or WANDB_API_KEY "
             "in the environment instead"
