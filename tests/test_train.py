@@ -346,3 +346,47 @@ def test_tensorboard_serves_past_runs(trained):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_merge_matches_base_plus_adapter(trained, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.infer.generate import load_run
+
+    out = tmp_path / "merged"
+    code, err = cli(["merge", str(trained.run_dir), "--output", str(out)], capsys)
+    assert code == 0, err
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    adapted, tokenizer = load_run(trained.run_dir)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted.eval()(ids).logits, atol=1e-5)
+        greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert torch.equal(
+            merged.generate(ids, **greedy), adapted.generate(input_ids=ids, **greedy)
+        )
+    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+    code, err = cli(["merge", str(trained.run_dir), "--output", str(out)], capsys)
+    assert code == 2 and "already exists" in err
+    code, err = cli(["merge", str(tmp_path), "--output", str(tmp_path / "x")], capsys)
+    assert code == 1 and "no adapter to merge" in err and not (tmp_path / "x").exists()
+
+
+def test_merge_into_a_quantized_base_is_refused(trained, tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    base = tmp_path / "quantized-base"
+    shutil.copytree(tiny_model_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(
+        json.dumps({**config, "quantization_config": {"load_in_4bit": True}})
+    )
+    run = tmp_path / "run"
+    shutil.copytree(trained.run_dir, run)
+    adapter = json.loads((run / "adapter_config.json").read_text())
+    (run / "adapter_config.json").write_text(
+        json.dumps({**adapter, "base_model_name_or_path": str(base)})
+    )
+    code, err = cli(["merge", str(run), "--output", str(tmp_path / "m")], capsys)
+    assert code == 1 and "is quantized" in err and "full-precision" in err
+    assert not (tmp_path / "m").exists()

@@ -210,6 +210,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from tunelab.infer.merge import merge
+
+    out = merge(args.run_dir, args.output)
+    print(f"merged model saved in {out} (loads with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 def cmd_tensorboard(args: argparse.Namespace) -> int:
     from tunelab.train import board
 
@@ -237,6 +245,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "preprocess": (cmd_preprocess, "tokenize the data once and keep it for training to reuse"),
     "demo": (cmd_demo, "train the built-in model on the bundled demo data"),
     "tensorboard": (cmd_tensorboard, "show the training curves of past runs in TensorBoard"),
+    "merge": (cmd_merge, "merge a run's adapter into its base model as a standard model"),
 }
 CONFIG_COMMANDS = ("train", "validate", "data inspect", "preprocess")
 
@@ -300,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "--sample", action="append", metavar="PROMPT",
                 help="print the model's answer to PROMPT before and after training; repeatable",
             )  # fmt: skip
+        if name == "merge":
+            p.add_argument("run_dir", help="a finished LoRA run directory")
+            p.add_argument("--output", required=True, help="where to save the merged model")
         if name == "tensorboard":
             p.add_argument("dir", nargs="?", default="outputs", help="a run or a folder of runs")
             p.add_argument(
