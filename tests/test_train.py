@@ -390,3 +390,48 @@ def test_merge_into_a_quantized_base_is_refused(trained, tiny_model_dir, tmp_pat
     code, err = cli(["merge", str(run), "--output", str(tmp_path / "m")], capsys)
     assert code == 1 and "is quantized" in err and "full-precision" in err
     assert not (tmp_path / "m").exists()
+
+
+def test_generate_command(trained, tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is the capital of France?\n\nSay hello.\n")
+    base = [
+        "generate",
+        "--run",
+        str(trained.run_dir),
+        "--file",
+        str(prompts),
+        "--json",
+        "--max-new-tokens",
+        "6",
+    ]
+    code, _ = cli(base, capsys)
+    first = [json.loads(line) for line in cli.out.splitlines()]
+    assert code == 0 and [r["prompt"] for r in first] == [
+        "What is the capital of France?",
+        "Say hello.",
+    ]
+    cli(base, capsys)
+    assert [json.loads(line) for line in cli.out.splitlines()] == first  # greedy is deterministic
+    sampled = base + ["--temperature", "1.5", "--seed", "3"]
+    cli(sampled, capsys)
+    again = cli.out
+    cli(sampled, capsys)
+    assert cli.out == again  # a seed makes sampling repeatable
+    code, _ = cli(
+        [
+            "generate",
+            "--model",
+            str(tiny_model_dir),
+            "--adapter",
+            str(trained.run_dir),
+            "Say hello.",
+            "--json",
+            "--max-new-tokens",
+            "6",
+        ],
+        capsys,
+    )
+    assert code == 0 and json.loads(cli.out)["completion"] == first[1]["completion"]
+    code, err = cli(["generate", "--model", str(tmp_path / "nope"), "hi"], capsys)
+    assert code == 1 and "no such file or directory" in err

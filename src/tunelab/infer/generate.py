@@ -17,9 +17,22 @@ def generate(
     prompt: str,
     max_new_tokens: int = 64,
     system: str | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
 ) -> str:
-    """The model's greedy answer to ``prompt``, rendered with its chat template."""
+    """The model's answer to ``prompt``, rendered with its chat template.
+
+    ``temperature`` 0 is greedy decoding (deterministic); above 0 samples, with ``top_p``
+    and ``seed``.
+    """
     import torch
+
+    sampling: dict[str, Any] = {"do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        if seed is not None:
+            torch.manual_seed(seed)
 
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
@@ -32,13 +45,33 @@ def generate(
         output = model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
+            **sampling,
         )
     if was_training:
         model.train()
     new_tokens = output[0][inputs["input_ids"].shape[1] :]
     return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+def load_base(name: str, adapter: str | None = None) -> tuple[Any, Any]:
+    """A base model (by any ``base_model`` name), optionally with an adapter directory."""
+    from tunelab.config.locations import model_problem
+
+    problem = model_problem(name)
+    if problem:
+        raise TunelabError(f"--model: {problem}")
+    ref = resolve_model(name)
+    location = model_location(ref)
+    model = load_model(location, ref, multimodal=is_multimodal(location, ref))
+    tokenizer = load_tokenizer(location, ref)
+    if adapter:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise TunelabError(f"--adapter {adapter}: no adapter_config.json there")
+        model = PeftModel.from_pretrained(model, adapter)
+    return model, tokenizer
 
 
 def load_run(run_dir: str | Path) -> tuple[Any, Any]:
