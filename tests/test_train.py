@@ -1,6 +1,7 @@
 """Training smoke tests on the tiny model: real steps, real effects."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -435,3 +436,22 @@ def test_generate_command(trained, tiny_model_dir, tmp_path, capsys):
     assert code == 0 and json.loads(cli.out)["completion"] == first[1]["completion"]
     code, err = cli(["generate", "--model", str(tmp_path / "nope"), "hi"], capsys)
     assert code == 1 and "no such file or directory" in err
+
+
+def test_runs_lists_runs_and_resumability(trained, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "runs"
+    shutil.copytree(trained.run_dir, folder / "done")
+    shutil.copytree(trained.run_dir, folder / "crashed")
+    status = json.loads((folder / "crashed" / "status.json").read_text())
+    (folder / "crashed" / "status.json").write_text(json.dumps({**status, "state": "failed"}))
+    shutil.rmtree(folder / "done" / "checkpoints")
+    code, _ = cli(["runs", str(folder), "--json"], capsys)
+    runs = {Path(r["run"]).name: r for r in json.loads(cli.out)}
+    assert code == 0 and set(runs) == {"done", "crashed"}
+    assert runs["crashed"]["resumable"] == "yes" and runs["done"]["resumable"].startswith(
+        "no: finished"
+    )
+    assert runs["done"]["steps"] == 40 and runs["done"]["data"] == "data.json"
+    assert runs["done"]["best_eval_loss"] == trained.losses["best_eval_loss"]

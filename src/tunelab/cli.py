@@ -238,6 +238,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    import json
+
+    from tunelab.infer.runs import list_runs
+
+    runs = list_runs(Path(args.dir))
+    if args.json:
+        print(json.dumps(runs, indent=1))
+        return 0
+    if not runs:
+        print(f"no runs under {args.dir}")
+    for r in runs:
+        best = f"{r['best_eval_loss']:.4f}" if r["best_eval_loss"] is not None else "-"
+        print(
+            f"{r['run']}\n  {r['state']}, {r['date']}, {r['steps']} steps, base {r['base_model']}, "
+            f"data {r['data']}, best val loss {best}\n  resumable: {r['resumable']}"
+        )
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from tunelab.infer.merge import merge
 
@@ -275,6 +295,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "tensorboard": (cmd_tensorboard, "show the training curves of past runs in TensorBoard"),
     "merge": (cmd_merge, "merge a run's adapter into its base model as a standard model"),
     "generate": (cmd_generate, "answer prompts with a trained run or a base model"),
+    "runs": (cmd_runs, "list trained runs and whether each can be resumed"),
 }
 CONFIG_COMMANDS = ("train", "validate", "data inspect", "preprocess")
 
@@ -338,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "--sample", action="append", metavar="PROMPT",
                 help="print the model's answer to PROMPT before and after training; repeatable",
             )  # fmt: skip
+        if name == "runs":
+            p.add_argument(
+                "dir", nargs="?", default="outputs", help="folder of runs (default outputs)"
+            )
+            p.add_argument("--json", action="store_true", help="print one JSON list")
         if name == "generate":
             p.add_argument("prompt", nargs="*", help="prompts (or --file, or lines on stdin)")
             p.add_argument("--run", dest="run_dir", help="a trained run directory")
