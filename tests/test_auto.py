@@ -130,7 +130,7 @@ def test_adaptive_mode_lowers_the_rate_on_plateaus(tiny_model_dir, tmp_path):
         [{"instruction": f"Item {i}?", "output": f"Answer {i}"} for i in range(16)],
     )
     overrides = {"base_model": str(tiny_model_dir), "datasets": [{"path": str(data)}], "val_set_size": 4,
-                 "max_steps": 24, "eval_steps": 2, "learning_rate": 5.0, "output_dir": str(tmp_path / "run"), "force_epochs": True,
+                 "max_steps": 24, "eval_steps": 2, "learning_rate": 0.5, "output_dir": str(tmp_path / "run"), "force_epochs": True,
                  "logging_steps": 1}  # fmt: skip
     result = train(load_config(overrides=overrides, sets=["mode=adaptive"]), quiet=True)
     info = json.loads((result.run_dir / "adapter_info.json").read_text())
@@ -141,7 +141,7 @@ def test_adaptive_mode_lowers_the_rate_on_plateaus(tiny_model_dir, tmp_path):
         for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()
         if '"loss"' in x
     ]
-    assert rates[0] == 5.0 and min(rates) <= 2.5  # halved after validation loss stalled
+    assert rates[0] == 0.5 and min(rates) <= 0.5 / 2  # halved after validation loss stalled
 
 
 def test_adaptive_mode_needs_validation(tiny_model_dir, alpaca_file, tmp_path):
