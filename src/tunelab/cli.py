@@ -12,8 +12,9 @@ from typing import Any
 import yaml
 
 from tunelab import __version__
-from tunelab.config import BUILTIN_MODEL, TuneConfig, load_config, resolved_dict
+from tunelab.config import TuneConfig, load_config, resolved_dict
 from tunelab.errors import TunelabError
+from tunelab.infer import commands as after
 
 EXAMPLES = Path(__file__).parent / "examples"
 DEMO_PROMPT = "What is your name?"
@@ -43,6 +44,7 @@ CONFIG_FLAGS: list[tuple[str, str, Callable[[str], Any]]] = [
     ("--max-circular-epochs", "max_circular_epochs", int),
     ("--method", "adapter", str),
     ("--overfitting-threshold", "overfitting_threshold", float),
+    ("--push-to-hub", "hub_model_id", str),
 ]
 
 
@@ -210,62 +212,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    import json
-
-    from tunelab.infer.generate import generate, load_base, load_run
-
-    prompts = list(args.prompt)
-    if args.file:
-        prompts += [line for line in Path(args.file).read_text().splitlines() if line.strip()]
-    if not prompts and not sys.stdin.isatty():
-        prompts = [line for line in sys.stdin.read().splitlines() if line.strip()]
-    if not prompts:
-        raise TunelabError("no prompt", "give prompts as arguments, with --file, or on stdin")
-    if args.run_dir:
-        model, tokenizer = load_run(args.run_dir)
-    else:
-        model, tokenizer = load_base(args.model or BUILTIN_MODEL, args.adapter)
-    for prompt in prompts:
-        answer = generate(
-            model, tokenizer, prompt, args.max_new_tokens, args.system,
-            args.temperature, args.top_p, args.seed,
-        )  # fmt: skip
-        if args.json:
-            print(json.dumps({"prompt": prompt, "completion": answer}, ensure_ascii=False))
-        else:
-            print(f"> {prompt}\n{answer}\n")
-    return 0
-
-
-def cmd_runs(args: argparse.Namespace) -> int:
-    import json
-
-    from tunelab.infer.runs import list_runs
-
-    runs = list_runs(Path(args.dir))
-    if args.json:
-        print(json.dumps(runs, indent=1))
-        return 0
-    if not runs:
-        print(f"no runs under {args.dir}")
-    for r in runs:
-        best = f"{r['best_eval_loss']:.4f}" if r["best_eval_loss"] is not None else "-"
-        print(
-            f"{r['run']}\n  {r['state']}, {r['date']}, {r['steps']} steps, base {r['base_model']}, "
-            f"data {r['data']}, best val loss {best}\n  resumable: {r['resumable']}"
-        )
-    return 0
-
-
-def cmd_merge(args: argparse.Namespace) -> int:
-    from tunelab.infer.merge import merge
-
-    out = merge(args.run_dir, args.output)
-    print(f"merged model saved in {out} (loads with AutoModelForCausalLM.from_pretrained)")
-    return 0
-
-
 def cmd_tensorboard(args: argparse.Namespace) -> int:
     from tunelab.train import board
 
@@ -293,9 +239,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "preprocess": (cmd_preprocess, "tokenize the data once and keep it for training to reuse"),
     "demo": (cmd_demo, "train the built-in model on the bundled demo data"),
     "tensorboard": (cmd_tensorboard, "show the training curves of past runs in TensorBoard"),
-    "merge": (cmd_merge, "merge a run's adapter into its base model as a standard model"),
-    "generate": (cmd_generate, "answer prompts with a trained run or a base model"),
-    "runs": (cmd_runs, "list trained runs and whether each can be resumed"),
+    **after.COMMANDS,
 }
 CONFIG_COMMANDS = ("train", "validate", "data inspect", "preprocess")
 
@@ -317,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(command=name)
         if name in CONFIG_COMMANDS:
             _add_config_options(p)
+        if name in after.COMMANDS:
+            after.add_arguments(name, p)
         if name == "preprocess":
             p.add_argument("--prepared-path", help="where to keep it (default: the config's "
                            "dataset_prepared_path, else last_run_prepared)")  # fmt: skip
@@ -359,26 +305,6 @@ def build_parser() -> argparse.ArgumentParser:
                 "--sample", action="append", metavar="PROMPT",
                 help="print the model's answer to PROMPT before and after training; repeatable",
             )  # fmt: skip
-        if name == "runs":
-            p.add_argument(
-                "dir", nargs="?", default="outputs", help="folder of runs (default outputs)"
-            )
-            p.add_argument("--json", action="store_true", help="print one JSON list")
-        if name == "generate":
-            p.add_argument("prompt", nargs="*", help="prompts (or --file, or lines on stdin)")
-            p.add_argument("--run", dest="run_dir", help="a trained run directory")
-            p.add_argument("--model", help="a base model (default: the built-in one)")
-            p.add_argument("--adapter", help="an adapter directory to apply to --model")
-            p.add_argument("--file", help="a file with one prompt per line")
-            p.add_argument("--system", help="a system prompt")
-            p.add_argument("--max-new-tokens", type=int, default=128)
-            p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-            p.add_argument("--top-p", type=float, default=1.0)
-            p.add_argument("--seed", type=int, help="seed for sampling")
-            p.add_argument("--json", action="store_true", help="one JSON object per prompt")
-        if name == "merge":
-            p.add_argument("run_dir", help="a finished LoRA run directory")
-            p.add_argument("--output", required=True, help="where to save the merged model")
         if name == "tensorboard":
             p.add_argument("dir", nargs="?", default="outputs", help="a run or a folder of runs")
             p.add_argument(

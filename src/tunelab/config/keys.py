@@ -18,7 +18,7 @@ ALIASES: dict[str, str] = {
 UNSUPPORTED: frozenset[str] = frozenset(
     """
     base_model_config revision_of_model tokenizer_config model_type tokenizer_type
-    hub_model_id hub_strategy is_falcon_derived_model is_llama_derived_model
+    hub_strategy is_falcon_derived_model is_llama_derived_model
     is_qwen_derived_model is_mistral_derived_model overrides_of_model_config
     load_in_4bit gpu_memory_limit lora_on_cpu device_map max_memory
     eval_batch_size lr_quadratic_warmup save_strategy

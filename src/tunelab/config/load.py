@@ -194,7 +194,8 @@ def _pydantic_problems(exc: ValidationError) -> list[str]:
             )
             message = "unknown key" + _did_you_mean(key, choices)
         else:
-            message = f"{err['msg']} (got {json.dumps(err.get('input'), default=str)})"
+            msg = err["msg"].removeprefix("Value error, ")
+            message = f"{msg} (got {json.dumps(err.get('input'), default=str)})"
         grouped.setdefault(loc, [])
         if message not in grouped[loc]:
             grouped[loc].append(message)

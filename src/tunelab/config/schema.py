@@ -8,6 +8,7 @@ it is the help text of the CLI, the API schema and the web form alike.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -277,6 +278,19 @@ class OutputSection(_Strict):
     output_dir: str | None = Field(
         None, description="Run directory; default outputs/run-<date>-<time>."
     )
+    hub_model_id: str | None = Field(
+        None,
+        description="After training, push the adapter to this Hub repository (user/name; "
+        "token from HF_TOKEN).",
+    )
+    hub_private_repo: bool = Field(False, description="Create the hub_model_id repository private.")
+
+    @field_validator("hub_model_id")
+    @classmethod
+    def _repo_id(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+            raise ValueError("must be a Hub repository id like user/name")
+        return value
 
 
 class TuneConfig(

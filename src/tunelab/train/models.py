@@ -49,10 +49,19 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def converted_path(gguf: Path) -> Path:
+    """Where the safetensors copy of ``gguf`` is (or will be) kept in the cache."""
+    return cache_root() / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
+
+
+def is_converted(gguf: Path) -> bool:
+    return (converted_path(gguf) / _DONE_MARK).is_file()
+
+
 def convert_gguf(gguf: Path, log=print) -> Path:
     """A safetensors copy of a GGUF model in the cache, made once (atomically) and reused."""
-    target = cache_root() / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
-    if (target / _DONE_MARK).is_file():
+    target = converted_path(gguf)
+    if is_converted(gguf):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -48,6 +48,12 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _hub_token() -> str | None:
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
 def preflight(config: TuneConfig, hw: Hardware) -> Plan:
     """Check ``config`` against ``hw`` and choose precision, batch size and checkpointing."""
     problems: list[str] = []
@@ -73,6 +79,11 @@ def preflight(config: TuneConfig, hw: Hardware) -> Plan:
         problems.append("bf16: this machine has no bfloat16 GPU support; use bf16: auto")
     if config.tf32 and not gpu:
         problems.append("tf32: TF32 needs an NVIDIA GPU (Ampere or newer); set tf32: false")
+    if config.hub_model_id and not _hub_token():
+        problems.append(
+            f"hub_model_id: pushing to {config.hub_model_id} needs a Hugging Face token; set "
+            "HF_TOKEN (or run `hf auth login`), or remove hub_model_id"
+        )
     if problems:
         raise PreflightError(
             "this configuration cannot run on this machine:\n  - " + "\n  - ".join(problems)

@@ -21,7 +21,13 @@ import yaml
 from tunelab.config import LoadedConfig, TuneConfig, resolved_dict
 from tunelab.config.locations import resolve_model
 from tunelab.data.prepare import PreparedData, load_examples, prepare_data
-from tunelab.errors import ConfigError, RunDirError, RunInterrupted, TrainingFailed
+from tunelab.errors import (
+    ConfigError,
+    RunDirError,
+    RunInterrupted,
+    TrainingFailed,
+    TunelabError,
+)
 from tunelab.files import write_atomic
 from tunelab.train import artifacts
 from tunelab.train.auto import choose, family_of
@@ -398,6 +404,19 @@ def _open_run(
     return RunDir(layout, layout.root), point, current
 
 
+def _push(root: Path, config: TuneConfig, log: RunLog) -> None:
+    """Upload the finished run to ``hub_model_id``; the run stays saved whatever happens."""
+    from tunelab.infer.hub import push
+
+    try:
+        log(f"pushed to {push(root, config.hub_model_id, config.hub_private_repo, log)}")
+    except TunelabError as exc:
+        raise TunelabError(
+            f"the run is saved in {root}, but pushing it to the Hub failed: {exc.message}",
+            f"push it again with: tunelab push {root} --repo {config.hub_model_id}",
+        ) from None
+
+
 def train(
     loaded: LoadedConfig,
     overwrite: bool = False,
@@ -478,6 +497,8 @@ def train(
         + (f", best validation loss {best:.4f}" if best is not None else "")
     )
     log(f"saved: {layout.root}")
+    if prep.config.hub_model_id:
+        _push(layout.root, prep.config, log)
     return RunResult(
         layout.root, steps, losses, duration, prep.samples, trainer.model, prep.tokenizer
     )

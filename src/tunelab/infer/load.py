@@ -1,0 +1,298 @@
+"""What to load for inference, and loading it.
+
+A *target* is what a user points at: a run directory, one of its checkpoints
+(``best``, ``last``, ``checkpoint-N``), a bare LoRA adapter directory, or nothing (the
+base model). :func:`resolve_target` turns a path into a :class:`Target` without loading
+weights; :func:`load` loads one base model, applies every adapter target to it (peft
+keeps them side by side, so a comparison loads the base once) and loads fully
+fine-tuned targets as models of their own.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import BUILTIN_MODEL
+from tunelab.config.locations import model_problem, resolve_model
+from tunelab.errors import ModelError, PreflightError, TunelabError
+from tunelab.train.checkpoints import complete_checkpoints
+from tunelab.train.rundir import RunLayout, read_json
+
+BASE = "base"
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Trained weights: a LoRA adapter (on ``base``) or a whole fine-tuned model."""
+
+    path: Path
+    label: str  # how output and tables name it, e.g. "outputs/demo" or "outputs/demo@best"
+    base: str  # the base model's name as training was given it
+    base_location: str | None  # the directory the adapter was trained on, if it still exists
+    full: bool  # whole weights rather than an adapter
+    run: Path | None  # the run directory it belongs to
+    qlora: bool = False  # trained on a 4-bit base
+
+
+def _checkpoint_names(run: Path) -> list[str]:
+    folder = RunLayout(run).checkpoints
+    named = [n for n in ("best", "last") if (folder / n).is_dir()]
+    return named + [p.name for p in complete_checkpoints(folder)]
+
+
+def _checkpoint(run: Path, name: str) -> Path:
+    if not RunLayout(run).is_run():
+        raise TunelabError(
+            f"{run}: not a tunelab run directory, so it has no checkpoints",
+            "give the output_dir of a `tunelab train` run, or the checkpoint's own path",
+        )
+    name = f"checkpoint-{name}" if re.fullmatch(r"\d+", name) else name
+    path = RunLayout(run).checkpoints / name
+    if not path.is_dir():
+        available = ", ".join(_checkpoint_names(run)) or "none (train with save_steps)"
+        raise TunelabError(
+            f"{run}: no checkpoint '{name}'", f"choose one of the run's checkpoints: {available}"
+        )
+    return path
+
+
+def _owning_run(path: Path) -> Path | None:
+    if RunLayout(path).is_run():
+        return path
+    if path.parent.name == "checkpoints" and RunLayout(path.parent.parent).is_run():
+        return path.parent.parent
+    return None
+
+
+def resolve_target(path: str | Path, checkpoint: str | None = None) -> Target:
+    """The trained weights at ``path`` (a run, a checkpoint or an adapter directory).
+
+    ``checkpoint`` (``best``, ``last``, ``checkpoint-N`` or ``N``) picks one of a run's
+    checkpoints; ``RUN@CHECKPOINT`` in ``path`` says the same.
+    """
+    given = Path(path).expanduser()
+    if not given.is_dir() and "@" in str(path) and not checkpoint:
+        head, _, checkpoint = str(path).rpartition("@")
+        given = Path(head).expanduser()
+    if not given.is_dir():
+        raise TunelabError(f"{path}: no such directory", "give a run directory or an adapter")
+    where = _checkpoint(given, checkpoint) if checkpoint else given
+    run = _owning_run(where)
+    info = read_json(RunLayout(run).info) if run else {}
+    label = str(given) + (f"@{checkpoint}" if checkpoint else "")
+    if (where / "adapter_config.json").is_file():
+        recorded = read_json(where / "adapter_config.json").get("base_model_name_or_path") or ""
+        base = info.get("base_model") or recorded
+        if not base:
+            raise TunelabError(
+                f"{where}: the adapter does not say which base model it belongs to",
+                "give the base model with --model",
+            )
+        location = recorded if recorded and Path(recorded).is_dir() else None
+        qlora = info.get("adapter") == "qlora"
+        return Target(where, label, base, location, False, run, qlora)
+    if (where / "config.json").is_file() and any((where / w).is_file() for w in _WEIGHTS):
+        return Target(where, label, info.get("base_model") or str(where), None, True, run)
+    hint = "give the output_dir of a finished `tunelab train` run"
+    names = _checkpoint_names(run) if run else []
+    if names:
+        hint = f"it has checkpoints: pass --checkpoint with one of {', '.join(names)}"
+    raise TunelabError(f"{where}: no adapter here (adapter_config.json is missing)", hint)
+
+
+def latest_run(folder: Path = Path("outputs")) -> Path | None:
+    """The most recently finished run under ``folder`` (what `tunelab chat` picks by itself)."""
+    from tunelab.infer.runs import list_runs
+
+    done = [r for r in list_runs(folder) if r["state"] == "completed"] if folder.is_dir() else []
+    return Path(max(done, key=lambda r: r["date"])["run"]) if done else None
+
+
+def _same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def quantization_for(bits: int | None) -> Any:
+    """bitsandbytes settings to load a base model in 4 or 8 bits (CUDA only), or None."""
+    if not bits:
+        return None
+    import importlib.util
+
+    import torch
+
+    flag = f"--load-in-{bits}bit"
+    if not torch.cuda.is_available():
+        raise PreflightError(
+            f"{flag} needs a CUDA GPU with bitsandbytes; this machine has none",
+            "leave it out: without a GPU the model loads in full precision",
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise PreflightError(f"{flag} needs bitsandbytes", "pip install 'tunelab[gpu]'")
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def _placement() -> tuple[Any, str]:
+    """(dtype, device) for inference: half precision on a GPU, float32 on a CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), "cuda"
+    return torch.float32, "cpu"
+
+
+@dataclass
+class Loaded:
+    """A tokenizer and the models to answer with, each reachable by its label."""
+
+    tokenizer: Any
+    base_name: str
+    labels: list[str]
+    base: Any = None  # the base model, or the PeftModel holding every adapter
+    adapters: dict[str, str] = field(default_factory=dict)  # label -> peft adapter name
+    whole: dict[str, Any] = field(default_factory=dict)  # label -> fully fine-tuned model
+
+    @contextmanager
+    def use(self, label: str) -> Iterator[Any]:
+        """The model for ``label`` (``BASE`` or a target's label), ready to run."""
+        if label in self.whole:
+            yield self.whole[label]
+        elif label in self.adapters:
+            self.base.set_adapter(self.adapters[label])
+            yield self.base
+        else:
+            off = self.base.disable_adapter() if self.adapters else nullcontext()
+            with off:
+                yield self.base
+
+    @property
+    def model(self) -> Any:
+        """The model a single-target session answers with (the target, else the base)."""
+        label = self.labels[-1]
+        if label in self.whole:
+            return self.whole[label]
+        if label in self.adapters:
+            self.base.set_adapter(self.adapters[label])
+        return self.base
+
+
+def _load_base(
+    name: str, location: str | None, bits: int | None, log, for_merge: bool = False
+) -> tuple[Any, str]:
+    """(model, its directory or hub id). ``for_merge`` keeps the weights' stored dtype,
+    on the CPU: merged weights should not lose precision to the GPU's bfloat16."""
+    from tunelab.train.models import is_multimodal, load_model, model_location
+
+    if location is None:
+        problem = model_problem(name)
+        if problem:
+            raise ModelError(f"base model: {problem}")
+        ref = resolve_model(name)
+        location = model_location(ref, log)
+    else:
+        ref = resolve_model(location)
+    quant = None if for_merge else quantization_for(bits)
+    dtype, device = ("auto", "cpu") if for_merge else _placement()
+    model = load_model(location, ref, dtype, quant, is_multimodal(location, ref))
+    if quant is None:  # a quantized model is already placed on the GPU
+        model = model.to(device)
+    return model.eval(), location
+
+
+def _tokenizer(targets: list[Target], location: str) -> Any:
+    """The tokenizer a run saved (with the chat template it trained with), else the base's."""
+    from tunelab.train.models import load_tokenizer
+
+    for t in targets:
+        for folder in (t.run, t.path):
+            if folder and (folder / "tokenizer_config.json").is_file():
+                return load_tokenizer(str(folder), resolve_model(str(folder)))
+    return load_tokenizer(location, resolve_model(location))
+
+
+def load(
+    targets: list[Target], model: str | None = None, with_base: bool = False,
+    bits: int | None = None, log=print, for_merge: bool = False,
+) -> Loaded:  # fmt: skip
+    """Load the base model once, every adapter in ``targets`` onto it, and whole models.
+
+    ``model`` overrides the base model the targets name; an adapter trained on another
+    base is refused. ``with_base`` adds the base model itself under the label ``BASE``.
+    A target trained with QLoRA loads its base in 4 bits where a GPU allows, unless
+    ``bits`` says otherwise. ``for_merge`` loads full precision on the CPU.
+    """
+    import torch
+
+    adapters = [t for t in targets if not t.full]
+    auto_4bit = any(t.qlora for t in adapters) and torch.cuda.is_available() and not for_merge
+    if bits is None and auto_4bit:
+        bits = 4
+    base_name = model or (adapters[0].base if adapters else None)
+    if not targets:
+        base_name = base_name or BUILTIN_MODEL
+    location = None
+    if adapters and not model:
+        location = adapters[0].base_location
+    labels = ([BASE] if with_base or not targets else []) + [t.label for t in targets]
+    loaded = Loaded(None, base_name or "", labels)
+    if base_name is None and with_base:
+        base_name = targets[0].base
+    if base_name is not None:
+        loaded.base, location = _load_base(base_name, location, bits, log, for_merge)
+        loaded.base_name = base_name
+        for i, t in enumerate(adapters):
+            recorded = read_json(t.path / "adapter_config.json").get("base_model_name_or_path")
+            if recorded and not (_same_model(recorded, location) or _same_model(t.base, base_name)):
+                raise ModelError(
+                    f"{t.label}: this adapter was trained on '{t.base}', not on '{base_name}'",
+                    f"leave out --model, or give --model {t.base}",
+                )
+            loaded.base = _attach(loaded.base, t.path, f"a{i}", first=(i == 0))
+            loaded.adapters[t.label] = f"a{i}"
+    for t in targets:
+        if t.full:
+            loaded.whole[t.label], _ = _load_base(str(t.path), str(t.path), bits, log, for_merge)
+    loaded.tokenizer = _tokenizer(targets, location or str(targets[0].path))
+    return loaded
+
+
+def _attach(model: Any, path: Path, name: str, first: bool) -> Any:
+    from peft import PeftModel
+
+    try:
+        if first:
+            return PeftModel.from_pretrained(model, str(path), adapter_name=name).eval()
+        model.load_adapter(str(path), adapter_name=name)
+        return model
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise ModelError(
+            f"{path}: this adapter does not fit the base model: {exc}",
+            "load it on the model it was trained on",
+        ) from None
+
+
+def load_run(
+    run_dir: str | Path, checkpoint: str | None = None, for_merge: bool = False
+) -> tuple[Any, Any]:
+    """(model, tokenizer) for a run: its base with the adapter, or its whole weights."""
+    target = resolve_target(run_dir, checkpoint)
+    loaded = load([target], log=lambda _: None, for_merge=for_merge)
+    return loaded.model, loaded.tokenizer
