@@ -487,3 +487,69 @@ def test_what_a_push_uploads(trained):
     card = model_card(trained.run_dir, "me/adapter")
     assert card.startswith("---\nlibrary_name: peft") and "# adapter" in card
     assert "data.json" in card and "best_eval_loss" in card
+
+
+# --- what the review of these commands turned up -------------------------------------
+
+
+def test_model_text_is_never_read_as_markup(trained, capsys):
+    prompt = "Say [bold]hello[/bold] [/INST]"
+    code, err = cli(["generate", "--run", str(trained.run_dir), "--compare", "--max-new-tokens",
+                     "4", prompt], capsys)  # fmt: skip
+    assert code == 0, err
+    assert "[bold]hello[/bold]" in cli.out and "[/INST]" in cli.out  # shown, not styled
+
+
+def test_a_foreign_results_table_is_left_alone(text_run, tmp_path, capsys):
+    result, held_out = text_run
+    table = tmp_path / "theirs.csv"
+    table.write_text("Model,LoRAs,Dataset,Perplexity\nx,y,z,3.2\n")
+    code, err = cli(["eval", "perplexity", str(result.run_dir), "--data", str(held_out),
+                     "--table", str(table)], capsys)  # fmt: skip
+    assert code == 1 and "not a tunelab results table" in err
+    assert table.read_text() == "Model,LoRAs,Dataset,Perplexity\nx,y,z,3.2\n"
+    code, err = cli(["eval", "perplexity", str(result.run_dir), "--data", str(held_out),
+                     "--max-length", "100000"], capsys)  # fmt: skip
+    assert code == 1 and "the model reads at most 256 tokens" in err
+
+
+def test_ctrl_c_in_chat_forgets_the_turn_for_every_model(trained, monkeypatch):
+    from tunelab.infer import chat as chat_module
+    from tunelab.infer.load import load, resolve_target
+
+    loaded = load([resolve_target(trained.run_dir)], with_base=True, log=lambda _: None)
+    chat = chat_module.Chat(loaded, loaded.labels, chat_module.Sampling(max_new_tokens=4),
+                            out=io.StringIO())  # fmt: skip
+    chat.ask("Say hello.")
+    real, calls = chat_module.reply, []
+
+    def interrupted_on_the_second_model(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(chat_module, "reply", interrupted_on_the_second_model)
+    chat_module.run_chat(chat, ["Name a colour.", "/quit"])
+    assert "(stopped; that turn is forgotten" in chat.out.getvalue()
+    assert all(len(turns) == 2 for turns in chat.history.values())  # only the first exchange
+
+
+def test_a_checkpoint_cut_short_is_refused(trained, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained.run_dir, run_dir)
+    (run_dir / "checkpoints" / "checkpoint-20" / "tunelab-complete.json").unlink()
+    code, err = cli(["generate", "--run", str(run_dir), "--checkpoint", "20", "hi"], capsys)
+    assert code == 1 and "cut short" in err and "checkpoint-40" in err
+
+
+def test_a_model_without_a_chat_template_continues_the_text(tiny_model_dir, tmp_path, capsys):
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_model_dir, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    code, err = cli(["generate", "--model", str(plain), "--json", "--max-new-tokens", "5",
+                     "Paris is the capital of"], capsys)  # fmt: skip
+    assert code == 0 and isinstance(json.loads(cli.out)["completion"], str), err

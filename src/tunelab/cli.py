@@ -349,10 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("TUNELAB_DEBUG"):
             raise
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        print(
-            "  (the traceback is in the run's train.log; TUNELAB_DEBUG=1 shows it here)",
-            file=sys.stderr,
-        )
+        where = "the run's train.log; " if args.command in ("train", "demo") else ""
+        print(f"  (the traceback: {where}TUNELAB_DEBUG=1 shows it here)", file=sys.stderr)
         return 1
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from tunelab.infer.generate import Sampling, context_limit, reply
+from tunelab.infer.generate import Sampling, context_limit, encode, reply
 from tunelab.infer.load import Loaded
 
 HELP = """commands:
@@ -50,30 +50,40 @@ class Chat:
             return
         tokenizer = self.loaded.tokenizer
         while len(self.history[label]) > 1:
-            ids = tokenizer.apply_chat_template(self.messages(label), add_generation_prompt=True)
-            if hasattr(ids, "keys"):  # newer tokenizers return a mapping
-                ids = ids["input_ids"]
-            if len(ids) + self.sampling.max_new_tokens <= limit:
+            length = encode(tokenizer, self.messages(label))["input_ids"].shape[1]
+            if length + self.sampling.max_new_tokens <= limit:
                 return
             del self.history[label][:2]
             print("(the conversation is longer than the model's context: dropped the oldest "
                   "exchange)", file=self.out)  # fmt: skip
 
     def ask(self, text: str) -> dict[str, str]:
-        """Answer ``text`` with every model, streaming each answer; returns label -> answer."""
+        """Answer ``text`` with every model, streaming each answer; returns label -> answer.
+
+        Ctrl-C during an answer stops it and forgets the whole turn, for every model.
+        """
         answers = {}
-        for label in self.labels:
-            self.history[label].append({"role": "user", "content": text})
-            with self.loaded.use(label) as model:
-                self._fit(label, model)
-                if len(self.labels) > 1:
-                    print(f"[{label}]", file=self.out, flush=True)
-                streamer = _streamer(self.loaded.tokenizer, self.out)
-                answer = reply(model, self.loaded.tokenizer, self.messages(label),
-                               self.sampling, streamer)  # fmt: skip
-            self.history[label].append({"role": "assistant", "content": answer})
-            answers[label] = answer
+        before = {label: len(turns) for label, turns in self.history.items()}
+        try:
+            for label in self.labels:
+                answers[label] = self._answer(label, text)
+        except KeyboardInterrupt:
+            for label, length in before.items():
+                del self.history[label][length:]
+            raise
         return answers
+
+    def _answer(self, label: str, text: str) -> str:
+        self.history[label].append({"role": "user", "content": text})
+        with self.loaded.use(label) as model:
+            self._fit(label, model)
+            if len(self.labels) > 1:
+                print(f"[{label}]", file=self.out, flush=True)
+            streamer = _streamer(self.loaded.tokenizer, self.out)
+            answer = reply(model, self.loaded.tokenizer, self.messages(label), self.sampling,
+                           streamer)  # fmt: skip
+        self.history[label].append({"role": "assistant", "content": answer})
+        return answer
 
     def command(self, line: str) -> bool:
         """Carry out a ``/`` command; False when the user asked to leave."""
@@ -106,19 +116,25 @@ def _streamer(tokenizer: Any, out: TextIO) -> Any:
 
 
 def run_chat(chat: Chat, lines: Iterable[str] | None = None, prompt: Callable = input) -> None:
-    """Read messages until /quit or end of input: from ``lines``, else with ``prompt``."""
+    """Read messages until /quit or end of input: from ``lines`` (each echoed after ``> ``,
+    so the output reads as a transcript), else with ``prompt``."""
     source = iter(lines) if lines is not None else None
     while True:
         try:
             line = next(source) if source is not None else prompt("you> ")
-        except (EOFError, StopIteration):
+        except (EOFError, StopIteration, KeyboardInterrupt):
             print(file=chat.out)
             return
         line = line.strip()
         if not line:
             continue
+        if source is not None:
+            print(f"> {line}", file=chat.out, flush=True)
         if line.startswith("/"):
             if not chat.command(line):
                 return
             continue
-        chat.ask(line)
+        try:
+            chat.ask(line)
+        except KeyboardInterrupt:
+            print("\n(stopped; that turn is forgotten. /quit leaves)", file=chat.out, flush=True)

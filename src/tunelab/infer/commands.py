@@ -34,6 +34,8 @@ def _session(args: argparse.Namespace, run: str | None):
     from tunelab.infer.load import BASE, latest_run, load, resolve_target
 
     targets = []
+    if run and args.adapter:
+        raise TunelabError("both a run and --adapter given", "give one of them")
     if run or args.adapter:
         targets = [resolve_target(run or args.adapter, args.checkpoint)]
     elif not args.model and (latest := latest_run()):
@@ -109,13 +111,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _side_by_side(results: list[tuple[str, dict[str, str]]], labels: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(show_lines=True)
     table.add_column("prompt")
     for label in labels:
-        table.add_column(label)
-    for prompt, answers in results:
-        table.add_row(prompt, *(answers[label] for label in labels))
+        table.add_column(Text(label))
+    for prompt, answers in results:  # Text: model output is never read as markup
+        table.add_row(Text(prompt), *(Text(answers[label]) for label in labels))
     Console().print(table)
 
 
@@ -132,8 +135,14 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     rows = []
     for label in loaded.labels:
         with loaded.use(label) as model:
-            limit = min(context_limit(model) or px.DEFAULT_MAX_LENGTH, px.DEFAULT_MAX_LENGTH)
-            max_length = args.max_length or limit
+            context = context_limit(model)
+            if args.max_length and context and args.max_length > context:
+                raise TunelabError(
+                    f"--max-length {args.max_length}: the model reads at most {context} tokens",
+                    f"use --max-length {context} or less",
+                )
+            max_length = args.max_length or min(context or px.DEFAULT_MAX_LENGTH,
+                                                px.DEFAULT_MAX_LENGTH)  # fmt: skip
             stride = args.stride or max(1, min(512, max_length // 2))
             _log(f"scoring {label} on {args.data} ({stream.scored} tokens) ...")
             ppl, tokens = px.perplexity(model, stream, max_length, stride)
@@ -149,9 +158,19 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_push(args: argparse.Namespace) -> None:
+    """Before a long merge or export: can the result be pushed at all?"""
+    if args.push_to_hub:
+        from tunelab.infer.hub import check_reachable, hub_token
+
+        hub_token()
+        check_reachable()
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from tunelab.infer.merge import merge
 
+    _check_push(args)
     out = merge(args.run_dir, args.output, args.checkpoint)
     print(f"merged model saved in {out} (loads with AutoModelForCausalLM.from_pretrained)")
     return _push_after(args, out)
@@ -160,6 +179,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from tunelab.infer.export import export_gguf
 
+    _check_push(args)
     done = export_gguf(args.run_dir, args.output, args.quant, args.checkpoint, log=_log)
     print(f"GGUF ({args.quant}, {done.tensors} tensors, {done.size_mb:.1f} MB): {done.gguf}")
     print(f"Ollama: cd {done.gguf.parent} && ollama create {done.gguf.stem} -f Modelfile")
@@ -171,7 +191,7 @@ def _push_after(args: argparse.Namespace, folder: Path) -> int:
         return 0
     from tunelab.infer.hub import push
 
-    print(f"pushed to {push(folder, args.push_to_hub, log=_log)}")
+    print(f"pushed to {push(folder, args.push_to_hub, args.private, log=_log)}")
     return 0
 
 
@@ -225,6 +245,7 @@ def _quant_options(p: argparse.ArgumentParser) -> None:
 
 def _push_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--push-to-hub", metavar="REPO", help="then upload it to this Hub repository")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
 
 
 def add_arguments(name: str, p: argparse.ArgumentParser) -> None:

@@ -9,6 +9,7 @@ and runs in a separate process with that folder first on its path.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import re
@@ -125,15 +126,17 @@ def export_gguf(
         merged_dir = staging / ".merged"
         log(f"merging {target.label} into its base model ...")
         loaded = load([target], log=log, for_merge=True)
-        model = merged_model(loaded, target)
-        model.save_pretrained(merged_dir)
-        loaded.tokenizer.save_pretrained(merged_dir)
+        tokenizer = loaded.tokenizer
+        merged_model(loaded, target).save_pretrained(merged_dir)
+        tokenizer.save_pretrained(merged_dir)
+        del loaded  # the converter loads the weights again: do not hold them twice
+        gc.collect()
         gguf_file = staging / f"{name}-{quant}.gguf"
         log(f"converting to GGUF ({quant}) with llama.cpp's converter ...")
         convert(merged_dir, gguf_file, quant, name)
         tensors = _check_gguf(gguf_file)
         system = _run_system_message(target.run)
-        (staging / "Modelfile").write_text(modelfile(gguf_file.name, loaded.tokenizer, system))
+        (staging / "Modelfile").write_text(modelfile(gguf_file.name, tokenizer, system))
         shutil.rmtree(merged_dir)
         size = gguf_file.stat().st_size / 2**20
     return Exported(out / gguf_file.name, out / "Modelfile", tensors, size)

@@ -27,11 +27,23 @@ def context_limit(model: Any) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
+def encode(tokenizer: Any, messages: list[dict[str, str]]) -> Any:
+    """The prompt's token ids (a batch of one, as tensors): the conversation in the chat
+    template, ready for the assistant's turn, or for a model without a chat template the
+    messages' text, which it continues."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    return tokenizer("\n\n".join(m["content"] for m in messages), return_tensors="pt")
+
+
 def reply(
     model: Any, tokenizer: Any, messages: list[dict[str, str]], sampling: Sampling = Sampling(),
     streamer: Any = None,
 ) -> str:  # fmt: skip
-    """The model's next assistant turn after ``messages``, rendered with its chat template.
+    """The model's next assistant turn after ``messages``, rendered with its chat template
+    (a model without one continues the messages' text instead).
 
     ``streamer`` (a transformers streamer) receives the tokens as they are generated.
     """
@@ -39,9 +51,7 @@ def reply(
 
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
-    inputs = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    ).to(model.device)
+    inputs = encode(tokenizer, messages).to(model.device)
     was_training = model.training
     model.eval()
     with torch.no_grad():

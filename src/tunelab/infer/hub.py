@@ -70,14 +70,21 @@ def model_card(folder: Path, repo_id: str) -> str:
     base = info.get("base_model") or read_json(folder / "config.json").get("_name_or_path", "")
     base = BUILTIN_HUB_ID if base.lower() == BUILTIN_MODEL.lower() else base
     adapter = (folder / "adapter_config.json").is_file()
-    head = ["---", "library_name: " + ("peft" if adapter else "transformers"), "tags: [tunelab]"]
+    ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+    library = "peft" if adapter else "gguf" if ggufs else "transformers"
+    head = ["---", f"library_name: {library}", "tags: [tunelab]"]
     if base and "/" in base and not Path(base).exists():
         head.append(f"base_model: {base}")
     data = ", ".join(Path(d["path"]).name for d in info.get("datasets") or []) or "its own data"
     losses = info.get("losses") or {}
     lines = [*head, "---", "", f"# {repo_id.split('/')[-1]}", ""]
-    what = "A LoRA adapter" if adapter else "A fine-tuned model"
-    lines.append(f"{what} for `{base or 'its base model'}`, trained with tunelab on {data}.")
+    if ggufs:
+        lines.append(
+            f"GGUF files exported by tunelab: {', '.join(ggufs)}; the Modelfile is for Ollama."
+        )
+    else:
+        what = "A LoRA adapter" if adapter else "A fine-tuned model"
+        lines.append(f"{what} for `{base or 'its base model'}`, trained with tunelab on {data}.")
     if losses:
         lines += ["", "| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {v} |" for k, v in losses.items() if v is not None]
@@ -97,13 +104,20 @@ def push(folder: str | Path, repo_id: str, private: bool = False, log=print) -> 
         raise TunelabError(f"{folder}: nothing to push (the folder is empty)")
     api = HfApi(token=hub_token())
     check_reachable()
-    operations = [CommitOperationAdd(str(p.relative_to(folder)), str(p)) for p in files]
-    if not (folder / "README.md").is_file():
+    # a run's card is made from its record (peft's template card names a local path)
+    own_card = RunLayout(folder).info.is_file() or not (folder / "README.md").is_file()
+    operations = [
+        CommitOperationAdd(p.relative_to(folder).as_posix(), str(p))
+        for p in files
+        if not (own_card and p == folder / "README.md")
+    ]
+    if own_card:
         card = model_card(folder, repo_id).encode("utf-8")
         operations.append(CommitOperationAdd("README.md", card))
     log(f"pushing {len(files)} files from {folder} to {repo_id} ...")
     try:
-        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        # None keeps the account's default (which may be private)
+        repo = api.create_repo(repo_id, private=private or None, exist_ok=True)
         api.create_commit(repo_id, operations, commit_message="Upload from tunelab")
     except Exception as exc:  # the Hub client raises many kinds (HTTP, auth, validation)
         raise TunelabError(

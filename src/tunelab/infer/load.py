@@ -54,6 +54,12 @@ def _checkpoint(run: Path, name: str) -> Path:
         )
     name = f"checkpoint-{name}" if re.fullmatch(r"\d+", name) else name
     path = RunLayout(run).checkpoints / name
+    complete = name in ("best", "last") or path in complete_checkpoints(path.parent)
+    if path.is_dir() and not complete:
+        raise TunelabError(
+            f"{path}: this checkpoint was cut short (it has no completeness marker)",
+            f"choose a complete one: {', '.join(_checkpoint_names(run)) or 'none'}",
+        )
     if not path.is_dir():
         available = ", ".join(_checkpoint_names(run)) or "none (train with save_steps)"
         raise TunelabError(
@@ -244,7 +250,12 @@ def load(
     adapters = [t for t in targets if not t.full]
     auto_4bit = any(t.qlora for t in adapters) and torch.cuda.is_available() and not for_merge
     if bits is None and auto_4bit:
-        bits = 4
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes"):
+            bits = 4  # the base as the adapter was trained on it
+        else:
+            log("note: a QLoRA run, loaded in full precision (bitsandbytes is not installed)")
     base_name = model or (adapters[0].base if adapters else None)
     if not targets:
         base_name = base_name or BUILTIN_MODEL
@@ -282,7 +293,7 @@ def _attach(model: Any, path: Path, name: str, first: bool) -> Any:
             return PeftModel.from_pretrained(model, str(path), adapter_name=name).eval()
         model.load_adapter(str(path), adapter_name=name)
         return model
-    except (ValueError, RuntimeError, KeyError) as exc:
+    except Exception as exc:  # peft and safetensors raise many kinds for a bad adapter
         raise ModelError(
             f"{path}: this adapter does not fit the base model: {exc}",
             "load it on the model it was trained on",

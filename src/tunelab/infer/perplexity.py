@@ -21,6 +21,7 @@ from typing import Any
 from tunelab.data.tokenize import IGNORE_INDEX
 from tunelab.errors import DataError, TunelabError
 from tunelab.files import write_atomic
+from tunelab.train.rundir import RunLayout
 
 COLUMNS = (
     "date", "model", "adapter", "data", "perplexity", "tokens", "stride", "max_length", "comment"
@@ -90,14 +91,12 @@ def perplexity(model: Any, stream: TokenStream, max_length: int, stride: int) ->
     while scored_until < len(ids):
         end = min(max_length if scored_until == 1 else scored_until + stride, len(ids))
         begin = max(0, end - max_length)
-        target = labels[begin:end].clone()
-        target[: scored_until - begin] = IGNORE_INDEX  # scored by an earlier window
+        scored = end - scored_until  # the window's last tokens; the rest is context
         with torch.no_grad():
-            logits = model(input_ids=ids[None, begin:end].to(model.device)).logits[0, :-1]
-        target = target[1:].to(logits.device)
-        total += F.cross_entropy(
-            logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum"
-        ).item()
+            out = model(input_ids=ids[None, begin:end].to(model.device), use_cache=False)
+        logits = out.logits[0, -scored - 1 : -1].float()  # position p predicts token p + 1
+        target = labels[scored_until:end].to(logits.device)
+        total += F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum").item()
         count += int((target != IGNORE_INDEX).sum())
         scored_until = end
     return math.exp(total / count), count
@@ -107,14 +106,30 @@ def table_path(given: str | None, runs: list[Path]) -> Path:
     """``--table``, else the first evaluated run's table, else outputs/evaluations.csv."""
     if given:
         return Path(given)
-    return (runs[0] if runs else Path("outputs")) / TABLE
+    return RunLayout(runs[0]).evaluations if runs else Path("outputs") / TABLE
 
 
 def read_table(path: Path) -> list[dict[str, str]]:
+    """The rows of a results table; a CSV with other columns is refused, never rewritten."""
     if not path.is_file():
         return []
     with path.open(newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    if tuple(reader.fieldnames or ()) != COLUMNS:
+        raise TunelabError(
+            f"{path}: not a tunelab results table (its columns are "
+            f"{', '.join(reader.fieldnames or []) or 'none'})",
+            "give another --table; this file was left as it was",
+        )
+    return rows
+
+
+def _score(row: dict[str, str]) -> float:
+    try:
+        return float(row["perplexity"])
+    except (TypeError, ValueError):  # a row edited by hand: listed last
+        return math.inf
 
 
 def append_rows(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -146,15 +161,16 @@ def print_table(rows: list[dict[str, str]], new: int, title: str) -> None:
     """The table sorted by perplexity (lowest first); the ``new`` latest rows marked."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     shown = ("perplexity", "model", "adapter", "data", "tokens", "stride", "max_length", "date",
              "comment")  # fmt: skip
-    table = Table(title=title, title_justify="left")
+    table = Table(title=Text(title), title_justify="left")
     for col in shown:
         table.add_column(col, justify="right" if col in ("perplexity", "tokens") else "left")
     latest = {id(r) for r in rows[len(rows) - new :]}
-    for r in sorted(rows, key=lambda r: float(r["perplexity"])):
-        table.add_row(*(r[c] for c in shown), style="bold" if id(r) in latest else None)
+    for r in sorted(rows, key=_score):  # Text: paths and comments are never read as markup
+        table.add_row(*(Text(r[c] or "") for c in shown), style="bold" if id(r) in latest else None)
     import sys
 
     Console(width=None if sys.stdout.isatty() else 200).print(table)

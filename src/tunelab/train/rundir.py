@@ -15,6 +15,8 @@
       training_history.png        loss curves
       logs/                       TensorBoard event files
       checkpoints/checkpoint-N/   intermediate checkpoints (with save_steps)
+      checkpoints/last/, best/    adapter copies of the latest and the best checkpoint
+      evaluations.csv             perplexity results (tunelab eval perplexity)
 
 Files that must never be half-written are written beside their place, synced, and
 renamed into it.
@@ -83,6 +85,10 @@ class RunLayout:
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
+
+    @property
+    def evaluations(self) -> Path:
+        return self.root / "evaluations.csv"
 
     def is_finished(self) -> bool:
         return read_json(self.status).get("state") == "completed" or self.adapter_weights.exists()
