@@ -553,3 +553,14 @@ def test_a_model_without_a_chat_template_continues_the_text(tiny_model_dir, tmp_
     code, err = cli(["generate", "--model", str(plain), "--json", "--max-new-tokens", "5",
                      "Paris is the capital of"], capsys)  # fmt: skip
     assert code == 0 and isinstance(json.loads(cli.out)["completion"], str), err
+
+
+def test_a_base_model_alone_is_scored_into_outputs(text_run, tiny_model_dir, tmp_path,
+                                                   monkeypatch, capsys):  # fmt: skip
+    _, held_out = text_run
+    monkeypatch.chdir(tmp_path)
+    code, err = cli(["eval", "perplexity", "--model", str(tiny_model_dir), "--data",
+                     str(held_out), "--json"], capsys)  # fmt: skip
+    rows = json.loads(cli.out)
+    assert code == 0 and [r["adapter"] for r in rows] == ["-"], err
+    assert (tmp_path / "outputs" / "evaluations.csv").read_text().count("\n") == 2

@@ -19,7 +19,8 @@ HELP = """commands:
   /reset          forget the conversation (the system prompt stays)
   /system TEXT    set the system prompt (and start over); /system alone removes it
   /quit, /exit    leave (Ctrl-D too)
-  /help           this list"""
+  /help           this list
+Ctrl-C stops an answer (and forgets that turn)."""
 
 
 @dataclass
