@@ -79,6 +79,14 @@ def resolve_model(name: str) -> ModelRef:
     return ModelRef("hub", name)
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names or paths point at the same model."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
 REGISTRY = "dataset_info.json"
 
 

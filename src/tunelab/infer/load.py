@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import BUILTIN_MODEL
-from tunelab.config.locations import model_problem, resolve_model
+from tunelab.config.locations import model_problem, resolve_model, same_model
 from tunelab.errors import ModelError, PreflightError, TunelabError
 from tunelab.train.checkpoints import complete_checkpoints
 from tunelab.train.rundir import RunLayout, read_json
@@ -118,13 +118,6 @@ def latest_run(folder: Path = Path("outputs")) -> Path | None:
 
     done = [r for r in list_runs(folder) if r["state"] == "completed"] if folder.is_dir() else []
     return Path(max(done, key=lambda r: r["date"])["run"]) if done else None
-
-
-def _same_model(a: str, b: str) -> bool:
-    if a == b:
-        return True
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def quantization_for(bits: int | None) -> Any:
@@ -256,22 +249,18 @@ def load(
             bits = 4  # the base as the adapter was trained on it
         else:
             log("note: a QLoRA run, loaded in full precision (bitsandbytes is not installed)")
-    base_name = model or (adapters[0].base if adapters else None)
-    if not targets:
-        base_name = base_name or BUILTIN_MODEL
-    location = None
-    if adapters and not model:
-        location = adapters[0].base_location
+    base_name = model or next((t.base for t in adapters), None)
+    if base_name is None and (with_base or not targets):  # the base alone, or whole models'
+        base_name = targets[0].base if targets else BUILTIN_MODEL
+    location = adapters[0].base_location if adapters and not model else None
     labels = ([BASE] if with_base or not targets else []) + [t.label for t in targets]
     loaded = Loaded(None, base_name or "", labels)
-    if base_name is None and with_base:
-        base_name = targets[0].base
     if base_name is not None:
         loaded.base, location = _load_base(base_name, location, bits, log, for_merge)
         loaded.base_name = base_name
         for i, t in enumerate(adapters):
             recorded = read_json(t.path / "adapter_config.json").get("base_model_name_or_path")
-            if recorded and not (_same_model(recorded, location) or _same_model(t.base, base_name)):
+            if recorded and not (same_model(recorded, location) or same_model(t.base, base_name)):
                 raise ModelError(
                     f"{t.label}: this adapter was trained on '{t.base}', not on '{base_name}'",
                     f"leave out --model, or give --model {t.base}",

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from tunelab.config import LoadedConfig, TuneConfig, resolved_dict
-from tunelab.config.locations import resolve_model
+from tunelab.config.locations import resolve_model, same_model
 from tunelab.data.prepare import PreparedData, load_examples, prepare_data
 from tunelab.errors import (
     ConfigError,
@@ -193,12 +193,7 @@ class Prepared:
 def _check_adapter_base(adapter_dir: Path, location: str) -> None:
     """An adapter continues only on the base model it was trained on."""
     recorded = read_json(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
-    same = recorded == location or (
-        recorded
-        and Path(recorded).exists()
-        and Path(recorded).resolve() == Path(location).resolve()
-    )
-    if not same:
+    if not (recorded and same_model(recorded, location)):
         raise RunDirError(
             f"{adapter_dir}: this adapter was trained on '{recorded}', not on '{location}'",
             "set base_model to the model the adapter was trained on",
