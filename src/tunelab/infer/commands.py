@@ -83,17 +83,16 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tunelab.infer.generate import reply
+    from tunelab.infer.generate import prompt_messages, reply
 
     prompts = _prompts(args)
     loaded, labels = _session(args, args.run_dir)
-    system = [{"role": "system", "content": args.system}] if args.system else []
     results = []
     for prompt in prompts:
         answers = {}
         for label in labels:
             with loaded.use(label) as model:
-                messages = [*system, {"role": "user", "content": prompt}]
+                messages = prompt_messages(prompt, args.system)
                 answers[label] = reply(model, loaded.tokenizer, messages, _sampling(args))
         results.append((prompt, answers))
         if args.json:

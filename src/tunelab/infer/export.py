@@ -81,9 +81,8 @@ def _failure(output: str) -> TunelabError:
     return TunelabError(f"the GGUF converter failed:\n    {tail}")
 
 
-def convert(model_dir: Path, outfile: Path, quant: str, name: str) -> None:
-    """Run llama.cpp's converter on a saved model directory."""
-    folder = find_converter()
+def convert(model_dir: Path, outfile: Path, quant: str, name: str, folder: Path) -> None:
+    """Run llama.cpp's converter (installed in ``folder``) on a saved model directory."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(folder), *filter(None, [os.environ.get("PYTHONPATH")])]
     )}  # fmt: skip
@@ -113,27 +112,23 @@ def export_gguf(
 ) -> Exported:  # fmt: skip
     """Merge the run's adapter (or take its whole weights) and write ``output``/NAME-QUANT.gguf
     with an Ollama Modelfile beside it; nothing is left in ``output`` if any step fails."""
-    from tunelab.infer.load import load, resolve_target
-    from tunelab.infer.merge import check_mergeable, check_output, merged_model
+    from tunelab.infer.load import resolve_target
+    from tunelab.infer.merge import check_mergeable, check_output, write_merged
 
     quant = check_quant(quant)
     target, out = resolve_target(run_dir, checkpoint), Path(output)
     check_output(out)
     check_mergeable(target)
-    find_converter()
+    converter = find_converter()
     name = (target.run or target.path).resolve().name
     with staged_directory(out.resolve()) as staging:
         merged_dir = staging / ".merged"
         log(f"merging {target.label} into its base model ...")
-        loaded = load([target], log=log, for_merge=True)
-        tokenizer = loaded.tokenizer
-        merged_model(loaded, target).save_pretrained(merged_dir)
-        tokenizer.save_pretrained(merged_dir)
-        del loaded  # the converter loads the weights again: do not hold them twice
-        gc.collect()
+        tokenizer = write_merged(target, merged_dir)
+        gc.collect()  # the converter loads the weights again: do not hold them twice
         gguf_file = staging / f"{name}-{quant}.gguf"
         log(f"converting to GGUF ({quant}) with llama.cpp's converter ...")
-        convert(merged_dir, gguf_file, quant, name)
+        convert(merged_dir, gguf_file, quant, name, converter)
         tensors = _check_gguf(gguf_file)
         system = _run_system_message(target.run)
         (staging / "Modelfile").write_text(modelfile(gguf_file.name, tokenizer, system))

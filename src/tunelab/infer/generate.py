@@ -21,6 +21,12 @@ class Sampling:
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
 
 
+def prompt_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
+    """A one-question conversation, with an optional system prompt."""
+    messages = [{"role": "system", "content": system}] if system else []
+    return [*messages, {"role": "user", "content": prompt}]
+
+
 def context_limit(model: Any) -> int | None:
     """How many tokens the model attends to, if its config says."""
     config = getattr(model.config, "text_config", model.config)
@@ -79,6 +85,5 @@ def generate(
     seed: int | None = None,
 ) -> str:
     """The model's answer to one ``prompt`` (with an optional system prompt)."""
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": prompt})
-    return reply(model, tokenizer, messages, Sampling(max_new_tokens, temperature, top_p, seed))
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+    return reply(model, tokenizer, prompt_messages(prompt, system), sampling)

@@ -21,6 +21,7 @@ from tunelab.config import BUILTIN_MODEL
 from tunelab.config.locations import model_problem, resolve_model, same_model
 from tunelab.errors import ModelError, PreflightError, TunelabError
 from tunelab.train.checkpoints import complete_checkpoints
+from tunelab.train.preflight import detect_hardware
 from tunelab.train.rundir import RunLayout, read_json
 
 BASE = "base"
@@ -128,33 +129,27 @@ def quantization_for(bits: int | None) -> Any:
 
     import torch
 
+    from tunelab.train.models import bnb_config
+
     flag = f"--load-in-{bits}bit"
-    if not torch.cuda.is_available():
+    hardware = detect_hardware()
+    if hardware.device != "cuda":
         raise PreflightError(
             f"{flag} needs a CUDA GPU with bitsandbytes; this machine has none",
             "leave it out: without a GPU the model loads in full precision",
         )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise PreflightError(f"{flag} needs bitsandbytes", "pip install 'tunelab[gpu]'")
-    from transformers import BitsAndBytesConfig
-
-    if bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute,
-    )
+    return bnb_config(bits, torch.bfloat16 if hardware.bf16 else torch.float16)
 
 
 def _placement() -> tuple[Any, str]:
     """(dtype, device) for inference: half precision on a GPU, float32 on a CPU."""
     import torch
 
-    if torch.cuda.is_available():
-        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), "cuda"
+    hardware = detect_hardware()
+    if hardware.device == "cuda":
+        return (torch.bfloat16 if hardware.bf16 else torch.float16), "cuda"
     return torch.float32, "cpu"
 
 

@@ -27,16 +27,22 @@ def check_mergeable(target: Any) -> None:
         )
 
 
-def merged_model(loaded: Any, target: Any) -> Any:
-    """The target's weights as one plain model: the adapter merged in, or whole weights."""
-    if target.full:
-        return loaded.whole[target.label]
-    return loaded.base.merge_and_unload()
+def write_merged(target: Any, folder: Path) -> Any:
+    """Save the target's weights as one plain model (the adapter merged in, in the base's
+    own precision, on the CPU; or the whole weights) with its tokenizer into ``folder``.
+    Returns the tokenizer; the weights are not kept in memory."""
+    from tunelab.infer.load import load
+
+    loaded = load([target], log=lambda _: None, for_merge=True)
+    model = loaded.whole[target.label] if target.full else loaded.base.merge_and_unload()
+    model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return loaded.tokenizer
 
 
 def merge(run_dir: str | Path, output: str | Path, checkpoint: str | None = None) -> Path:
     """Save base + adapter as one standard model directory at ``output``; returns it."""
-    from tunelab.infer.load import load, resolve_target
+    from tunelab.infer.load import resolve_target
 
     target, out = resolve_target(run_dir, checkpoint), Path(output)
     if target.full:
@@ -46,9 +52,6 @@ def merge(run_dir: str | Path, output: str | Path, checkpoint: str | None = None
         )
     check_output(out)
     check_mergeable(target)
-    loaded = load([target], log=lambda _: None, for_merge=True)
-    model = merged_model(loaded, target)
     with staged_directory(out.resolve()) as staging:
-        model.save_pretrained(staging)
-        loaded.tokenizer.save_pretrained(staging)
+        write_merged(target, staging)
     return out

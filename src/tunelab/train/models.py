@@ -147,6 +147,21 @@ def load_tokenizer_and_processor(location: str, ref: ModelRef) -> tuple[Any, Any
     return load_tokenizer(location, ref), None
 
 
+def bnb_config(bits: int, compute_dtype: Any = None) -> Any:
+    """bitsandbytes settings for a base loaded in 8 bits, or in 4 (NF4, double quantization,
+    computing in ``compute_dtype``): what QLoRA trains on and inference loads with."""
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
 def load_model(
     location: str, ref: ModelRef, dtype: Any = None, quantization: Any = None,
     multimodal: bool = False,

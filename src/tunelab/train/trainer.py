@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config.schema import TuneConfig
+from tunelab.train.models import bnb_config
 from tunelab.train.preflight import Plan
 from tunelab.train.rundir import RunLayout
 
@@ -21,22 +22,14 @@ def torch_dtype(plan: Plan, config: TuneConfig) -> Any:
 
 
 def quantization(config: TuneConfig, plan: Plan) -> Any:
-    """4-bit NF4 settings for QLoRA, else None."""
-    from transformers import BitsAndBytesConfig
-
+    """4-bit NF4 settings for QLoRA, 8-bit for load_in_8bit, else None."""
     if config.load_in_8bit and config.adapter == "lora":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return bnb_config(8)
     if config.adapter != "qlora":
         return None
     import torch
 
-    compute = torch.bfloat16 if plan.precision == "bf16" else torch.float16
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute,
-    )
+    return bnb_config(4, torch.bfloat16 if plan.precision == "bf16" else torch.float16)
 
 
 VISION_MODULES = r".*(vision_tower|vision_model|visual|multi_modal_projector|mm_projector).*"
