@@ -255,7 +255,7 @@ def test_circular_validates_at_each_cycle_end(tiny_model_dir, tmp_path):
 
 
 def test_batch_that_fits_the_memory():
-    from tunelab.train.dryrun import fitting_batch
+    from tunelab.train.estimate import fitting_batch
 
     def peak(batch):
         return 10 + 2 * batch  # GiB: weights plus activations growing with the batch

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from tunelab.config import load_config
 from tunelab.errors import RunDirError
@@ -137,3 +138,81 @@ def test_resume_of_a_finished_run_is_refused(tiny_model_dir, tmp_path, alpaca_fi
     train(load_config(overrides=overrides), quiet=True)
     with pytest.raises(RunDirError, match="this run has finished"):
         train(load_config(overrides=overrides), quiet=True, resume=True)
+
+
+def _mark_unfinished(out, state="failed"):
+    status = json.loads((out / "status.json").read_text())
+    (out / "status.json").write_text(json.dumps({**status, "state": state}))
+
+
+def test_resume_refuses_a_changed_schedule(tiny_model_dir, tmp_path):
+    data = write_json(tmp_path / "d.json", ROWS)
+    out = tmp_path / "run"
+    first = settings(tiny_model_dir, data, out, max_steps=4)
+    train(load_config(overrides=first), quiet=True)
+    _mark_unfinished(out)
+    saved = (out / "config.yaml").read_text()
+    for change, message in (({"learning_rate": 1e-3}, "learning_rate was 0.005, now 0.001"),
+                            ({"max_steps": 8}, "max_steps was 4, now 8")):  # fmt: skip
+        with pytest.raises(RunDirError, match=message):
+            train(load_config(overrides={**first, **change}), quiet=True, resume=True)
+    assert (out / "config.yaml").read_text() == saved  # nothing recorded that did not happen
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_resume_from_the_last_checkpoint_trains_no_extra_step(adapter, tiny_model_dir, tmp_path):
+    """Killed while saving the finished run: resuming finishes it at max_steps exactly, even
+    when max_steps falls inside an epoch, and never promotes what the kill left half-written."""
+    from safetensors.torch import load_file
+
+    data = write_json(tmp_path / "d.json", ROWS)
+    out = tmp_path / "run"
+    # 12 rows in batches of 2, 2 held out: 5 steps per epoch; step 7 is inside the second
+    overrides = settings(tiny_model_dir, data, out, max_steps=7, save_steps=7, eval_steps=7,
+                         adapter=adapter, learning_rate=1e-4)  # fmt: skip
+    train(load_config(overrides=overrides), quiet=True)
+    weights = "adapter_model.safetensors" if adapter == "lora" else "model.safetensors"
+    at_end = load_file(out / "checkpoints" / "checkpoint-7" / weights)
+    (out / weights).unlink()
+    (out / "adapter_info.json").unlink()
+    _mark_unfinished(out, "running")
+    junk = out / ".tunelab-tmp-weights-x1y2"
+    junk.mkdir()
+    (junk / ".tmp123").write_bytes(b"half a file")
+    (out / ".weights-staging").mkdir()
+    (out / ".weights-staging" / ".tmp456").write_bytes(b"older half")
+    result = train(load_config(overrides=overrides), quiet=True, resume=True)
+    assert result.steps == 7
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "completed" and status["steps"] == 7
+    assert max(step for step, _ in losses(out)) == 7
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert not list(out.rglob(".tmp*"))
+    final = load_file(out / weights)
+    assert final.keys() == at_end.keys()
+    assert all(torch.equal(final[k], at_end[k]) for k in final)
+
+
+def test_a_second_writer_is_refused_with_the_holders_pid(tiny_model_dir, tmp_path):
+    data = write_json(tmp_path / "d.json", ROWS)
+    out = tmp_path / "run"
+    first = subprocess.Popen(
+        cli(*args_for(tiny_model_dir, data, out), "--set", "max_steps=100000"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file():
+            assert first.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(0.05)
+        for extra in (["--resume"], ["--overwrite"]):
+            second = subprocess.run(cli(*args_for(tiny_model_dir, data, out), *extra),
+                                    capture_output=True, text=True, timeout=300)  # fmt: skip
+            assert second.returncode == 2, second.stderr
+            assert f"being written by process {first.pid}" in second.stderr
+        assert json.loads((out / "status.json").read_text())["state"] == "running"
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=120)
+    assert json.loads((out / "status.json").read_text())["state"] == "interrupted"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the lock is gone

@@ -267,7 +267,7 @@ def test_interrupted_overwrite_keeps_the_old_run(tiny_model_dir, alpaca_file, tm
         [sys.executable, "-m", "tunelab.cli", *args], stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".out.new-*/metrics.jsonl")):  # training has started
+    while not list(tmp_path.glob(".tunelab-tmp-out.new-*/metrics.jsonl")):  # training has started
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)

@@ -15,6 +15,7 @@ from tunelab import __version__
 from tunelab.config import TuneConfig, load_config, resolved_dict
 from tunelab.errors import TunelabError
 from tunelab.infer import commands as after
+from tunelab.redact import redact, redact_data
 
 EXAMPLES = Path(__file__).parent / "examples"
 DEMO_PROMPT = "What is your name?"
@@ -102,45 +103,50 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, _overrides(args), args.sets)
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    from tunelab.data.prepare import load_examples
-    from tunelab.errors import PreflightError
-    from tunelab.train.preflight import detect_hardware, preflight
-
-    loaded = _load(args)
-    print(yaml.safe_dump(resolved_dict(loaded.config), sort_keys=False), end="")
-    for note in loaded.notes:
-        print(f"note: {note}", file=sys.stderr)
-    data = load_examples(loaded.config, read_hub=False)
-    for s in data.sources:
-        print(f"data: {s.path}: {s.format}, {s.rows} rows", file=sys.stderr)
-    for note in data.notes:
-        print(f"note: {note}", file=sys.stderr)
-    examples = data.examples
-    try:
-        preflight(loaded.config, detect_hardware())
-    except PreflightError as exc:
-        print(f"warning: valid, but {exc.message}", file=sys.stderr)
-    print(f"ok: the configuration is valid ({len(examples)} local rows checked)", file=sys.stderr)
-    return 0
-
-
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _plan_log(line: str) -> None:
+    """What planning says, less the summaries `data inspect` and `preprocess` print themselves."""
+    if not line.startswith(("data:", "chosen", "model:", "note:")):
+        _stderr(line)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from tunelab.errors import RunDirError
+    from tunelab.train.plan import plan_run
+    from tunelab.train.rundir import check_output_dir
+
+    loaded = _load(args)
+    print(yaml.safe_dump(redact_data(resolved_dict(loaded.config)), sort_keys=False), end="")
+    for note in loaded.notes:
+        _stderr(f"note: {note}")
+    rp = plan_run(loaded, _stderr, strict=False)
+    for problem in rp.warnings:
+        _stderr(f"warning: valid, but this machine cannot run it: {problem}")
+    if loaded.config.output_dir:
+        try:
+            check_output_dir(Path(loaded.config.output_dir), overwrite=False)
+        except RunDirError as exc:
+            _stderr(f"warning: {exc.message} (train with --overwrite, or another --output)")
+    st = rp.data.stats
+    _stderr(
+        f"ok: the configuration is valid ({st['examples']} local rows checked); training would "
+        f"start with {st['train_samples']} samples ({st['train_tokens']} tokens), {rp.steps} steps"
+    )
+    return 0
+
+
 def _prepared(args: argparse.Namespace):
-    """Config, tokenizer and tokenized data, without loading the model's weights."""
-    from tunelab.config.locations import resolve_model
-    from tunelab.data.prepare import prepare_data
-    from tunelab.train.models import load_tokenizer_and_processor, model_location
+    """Config, tokenizer and tokenized data as training would make them, without weights."""
+    from tunelab.train.plan import plan_run
 
     loaded = _load(args)
     for note in loaded.notes:
         _stderr(f"note: {note}")
-    ref = resolve_model(loaded.config.base_model)
-    tokenizer, processor = load_tokenizer_and_processor(model_location(ref, _stderr), ref)
-    return loaded.config, tokenizer, prepare_data(loaded.config, tokenizer, processor=processor)
+    rp = plan_run(loaded, _plan_log, strict=False)
+    return rp.config, rp.tokenizer, rp.data
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -340,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except TunelabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
@@ -348,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a crash, not bad input: say what, keep the details in the log
         if os.environ.get("TUNELAB_DEBUG"):
             raise
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"error: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
         where = "the run's train.log; " if args.command in ("train", "demo") else ""
         print(f"  (the traceback: {where}TUNELAB_DEBUG=1 shows it here)", file=sys.stderr)
         return 1

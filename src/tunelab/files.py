@@ -1,19 +1,30 @@
-"""Writes that are never seen half-done: write beside, sync, rename into place."""
+"""Writes that are never seen half-done, and directories that one process at a time may write.
+
+Files and directories are written beside their place under a name starting with
+:data:`TEMP_PREFIX`, synced and renamed into place. A process killed before the rename
+leaves such a name behind; :func:`remove_leftovers` clears them, and nothing else.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tunelab.errors import RunDirError
+
+TEMP_PREFIX = ".tunelab-tmp-"
+
 
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write ``data`` beside ``path``, sync it and rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
     umask = os.umask(0)
     os.umask(umask)
     try:
@@ -28,16 +39,86 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         raise
 
 
+def temporary_directory(beside: Path, name: str) -> Path:
+    """A new, empty directory in ``beside`` whose name marks it as a leftover if not renamed."""
+    beside.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{name}-", dir=beside))
+    folder.chmod(0o755)
+    return folder
+
+
 @contextmanager
 def staged_directory(target: Path) -> Iterator[Path]:
     """Fill a hidden sibling of ``target``; on success it replaces ``target`` whole."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging = temporary_directory(target.parent, target.name)
     try:
-        staging.chmod(0o755)
         yield staging
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_leftovers(folder: Path, *stems: str) -> list[str]:
+    """Delete what interrupted writes left in ``folder`` (never anything else), only those
+    whose names continue with one of ``stems`` if any are given; returns their names."""
+    if not folder.is_dir():
+        return []
+    prefixes = tuple(TEMP_PREFIX + stem for stem in stems) or (TEMP_PREFIX,)
+    found = [p for p in folder.iterdir() if p.name.startswith(prefixes)]
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return [p.name for p in found]
+
+
+def lock_path(target: Path) -> Path:
+    """The lock file of directory ``target``: beside it, so it survives ``target`` being
+    replaced whole."""
+    return target.parent / f".{target.name}.lock"
+
+
+def _holder(path: Path) -> str:
+    try:
+        pid, _, host = path.read_text(encoding="utf-8").strip().partition(" ")
+    except OSError:
+        return "another process"
+    if not pid.isdigit():
+        return "another process"
+    return f"process {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
+
+
+@contextmanager
+def exclusive(target: Path, what: str = "run directory") -> Iterator[None]:
+    """Hold ``target`` for this process alone (an OS lock, released when the process ends,
+    however it ends). A second holder is refused at once, naming the first one's pid."""
+    path = lock_path(target.resolve())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = _holder(path)
+            raise RunDirError(
+                f"{target}: this {what} is being written by {holder}; nothing was changed",
+                "wait for that run to end (or stop it), or choose another --output",
+            ) from None
+        try:  # the previous holder may have removed the file between our open and lock
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held: a waiting opener re-checks the inode
+        os.close(fd)

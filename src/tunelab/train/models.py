@@ -84,12 +84,37 @@ def convert_gguf(gguf: Path, log=print) -> Path:
     return target
 
 
+def hub_location(repo_id: str, log=print) -> str:
+    """``repo_id`` when the Hub answers; its cached copy when it does not; else an error in
+    seconds (the Hub client alone would retry for half a minute before failing)."""
+    from huggingface_hub import snapshot_download
+
+    from tunelab.network import hub_problem
+
+    problem = hub_problem()
+    if problem is None:
+        return repo_id
+    try:
+        cached = snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # not in the cache (the client raises several kinds for that)
+        raise ModelError(
+            f"could not load '{repo_id}' from the Hugging Face Hub: {problem}, and it is not "
+            "in the local cache",
+            "connect to the network (HF_TOKEN for gated models), or give a local model "
+            "directory or .gguf file",
+        ) from None
+    log(f"note: {problem}; using the cached copy of {repo_id}")
+    return cached
+
+
 def model_location(ref: ModelRef, log=print) -> str:
     """A directory or hub id that ``from_pretrained`` can read."""
     if ref.kind == "builtin":
         return str(convert_gguf(builtin_gguf(), log))
     if ref.kind == "gguf":
         return str(convert_gguf(Path(ref.location), log))
+    if ref.kind == "hub":
+        return hub_location(ref.location, log)
     return ref.location
 
 
@@ -115,15 +140,19 @@ def load_tokenizer(location: str, ref: ModelRef) -> Any:
     return tokenizer
 
 
-def is_multimodal(location: str, ref: ModelRef) -> bool:
-    """Whether the model sees images (its config has a vision part)."""
+def read_model_config(location: str, ref: ModelRef) -> Any:
+    """The model's config (architecture and sizes), without its weights."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(location)
+        return AutoConfig.from_pretrained(location)
     except Exception as exc:
         raise _load_error(location, ref, exc) from None
-    return getattr(config, "vision_config", None) is not None
+
+
+def is_multimodal(location: str, ref: ModelRef) -> bool:
+    """Whether the model sees images (its config has a vision part)."""
+    return getattr(read_model_config(location, ref), "vision_config", None) is not None
 
 
 def load_processor(location: str, ref: ModelRef) -> Any:
@@ -139,9 +168,13 @@ def load_processor(location: str, ref: ModelRef) -> Any:
     return processor
 
 
-def load_tokenizer_and_processor(location: str, ref: ModelRef) -> tuple[Any, Any]:
+def load_tokenizer_and_processor(
+    location: str, ref: ModelRef, multimodal: bool | None = None
+) -> tuple[Any, Any]:
     """(tokenizer, processor); the processor is None for a text-only model."""
-    if is_multimodal(location, ref):
+    if multimodal is None:
+        multimodal = is_multimodal(location, ref)
+    if multimodal:
         processor = load_processor(location, ref)
         return processor.tokenizer, processor
     return load_tokenizer(location, ref), None

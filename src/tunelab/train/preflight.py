@@ -12,6 +12,7 @@ from typing import Literal
 
 from tunelab.config.schema import BNB_OPTIMIZERS, TuneConfig
 from tunelab.errors import PreflightError
+from tunelab.train.trackers import tracker_problems
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,9 @@ def _hub_token() -> str | None:
     return get_token()
 
 
-def preflight(config: TuneConfig, hw: Hardware) -> Plan:
-    """Check ``config`` against ``hw`` and choose precision, batch size and checkpointing."""
+def hardware_problems(config: TuneConfig, hw: Hardware) -> list[str]:
+    """What keeps ``config`` from running on ``hw`` (and in this environment), each with its
+    way out; empty when nothing does."""
     problems: list[str] = []
     gpu = hw.device == "cuda"
     needs_bnb = (
@@ -84,11 +86,22 @@ def preflight(config: TuneConfig, hw: Hardware) -> Plan:
             f"hub_model_id: pushing to {config.hub_model_id} needs a Hugging Face token; set "
             "HF_TOKEN (or run `hf auth login`), or remove hub_model_id"
         )
+    return problems + tracker_problems(config)
+
+
+def preflight(config: TuneConfig, hw: Hardware) -> Plan:
+    """Check ``config`` against ``hw`` and choose precision, batch size and checkpointing."""
+    problems = hardware_problems(config, hw)
     if problems:
         raise PreflightError(
             "this configuration cannot run on this machine:\n  - " + "\n  - ".join(problems)
         )
+    return machine_plan(config, hw)
 
+
+def machine_plan(config: TuneConfig, hw: Hardware) -> Plan:
+    """Precision, micro-batch size and gradient checkpointing for ``hw``, with the reasons."""
+    gpu = hw.device == "cuda"
     reasons = []
     if config.fp16:
         precision = "fp16"

@@ -12,17 +12,27 @@ from tunelab.train.checkpoints import MARKER, checkpoint_step, complete_checkpoi
 from tunelab.train.rundir import RunLayout, read_json
 
 FIX = "train into a new --output, or pass --overwrite to start again"
-
+CHANGED = (
+    "resume with the run's own settings (`tunelab train <run>/config.yaml --resume`), or "
+    "start a new run: another --output, or --overwrite"
+)
 
 RUN_KEYS = (
     "seed", "val_set_size", "max_examples", "sequence_len", "chat_template", "train_on_inputs",
     "sample_packing", "excess_length_strategy", "dataset_exact_deduplication",
     "gradient_accumulation_steps", "circular", "max_circular_epochs", "group_by_length",
 )  # fmt: skip
+# The optimizer and the learning-rate schedule are restored from the checkpoint as they
+# were, so a resumed run cannot take other values for these: they are refused, not ignored.
+SCHEDULE_KEYS = (
+    "lr_scheduler", "warmup_steps", "warmup_ratio", "optimizer", "weight_decay",
+    "max_grad_norm", "max_steps", "num_epochs",
+)  # fmt: skip
 
 
 def fingerprint(config: TuneConfig, sources: list[Any], batch: int) -> dict[str, Any]:
-    """What a checkpoint depends on: base model, adapter shape, data and its order."""
+    """What a checkpoint depends on: base model, adapter shape, data and its order, and the
+    training schedule."""
     shape = {} if config.adapter == "full" else {
         "lora_r": config.lora_r,
         "lora_alpha": config.lora_alpha_value,
@@ -33,6 +43,8 @@ def fingerprint(config: TuneConfig, sources: list[Any], batch: int) -> dict[str,
         "adapter": config.adapter,
         **shape,
         **{key: getattr(config, key) for key in RUN_KEYS},
+        "learning_rate": config.learning_rate_value,
+        **{key: getattr(config, key) for key in SCHEDULE_KEYS},
         "micro_batch_size": batch,
         "data": {s.path: s.sha256 for s in sources},
     }
@@ -41,7 +53,7 @@ def fingerprint(config: TuneConfig, sources: list[Any], batch: int) -> dict[str,
 def _differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     out = []
     for key in sorted(set(stored) | set(current)):
-        if key == "data":
+        if key == "data" or key not in stored:  # runs from older versions record fewer keys
             continue
         if stored.get(key) != current.get(key):
             out.append(f"{key} was {stored.get(key)!r}, now {current.get(key)!r}")
@@ -70,7 +82,7 @@ def resume_point(layout: RunLayout, current: dict[str, Any], resume_from: str | 
     stored = read_json(layout.status).get("fingerprint", {})
     changes = _differences(stored, current)
     if changes:
-        raise RunDirError(f"cannot resume {layout.root}: " + "; ".join(changes), FIX)
+        raise RunDirError(f"cannot resume {layout.root}: " + "; ".join(changes), CHANGED)
     if resume_from:
         path = Path(resume_from).expanduser()
         if not (path / MARKER).is_file():
@@ -99,4 +111,41 @@ def truncate_metrics(layout: RunLayout, step: int) -> None:
     write_atomic(layout.metrics, "".join(line + "\n" for line in kept))
 
 
-__all__ = ["check_resumable", "checkpoint_step", "fingerprint", "resume_point", "truncate_metrics"]
+def resumed_tokens(point: Path | None) -> int:
+    """Input tokens the run had seen when ``point`` was saved (0 for a new run)."""
+    if point is None:
+        return 0
+    return read_json(point / "trainer_state.json").get("num_input_tokens_seen", 0)
+
+
+def _load_weights(model: Any, folder: Path) -> None:
+    """A checkpoint's trained weights into ``model``: the adapter, or the whole model."""
+    from safetensors.torch import load_file, load_model
+
+    if (folder / "adapter_model.safetensors").is_file():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+    elif (folder / "model.safetensors.index.json").is_file():
+        from transformers.modeling_utils import load_sharded_checkpoint
+
+        load_sharded_checkpoint(model, str(folder), strict=False)
+    else:
+        load_model(model, folder / "model.safetensors", strict=False)  # tied weights are absent
+
+
+def restore_finished(trainer: Any, point: Path) -> None:
+    """Take the state and weights of a checkpoint saved after the last step (the run stopped
+    while finishing): the best checkpoint's weights where the run keeps the best."""
+    from transformers import TrainerState
+
+    trainer.state = TrainerState.load_from_json(str(point / "trainer_state.json"))
+    best = trainer.state.best_model_checkpoint
+    use_best = trainer.args.load_best_model_at_end and best and (Path(best) / MARKER).is_file()
+    _load_weights(trainer.model, Path(best) if use_best else point)
+
+
+__all__ = [
+    "check_resumable", "checkpoint_step", "fingerprint", "restore_finished", "resume_point",
+    "resumed_tokens", "truncate_metrics",
+]  # fmt: skip

@@ -7,7 +7,9 @@ before the run directory is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import time
 import traceback
 from collections.abc import Sequence
@@ -19,26 +21,27 @@ from typing import Any
 import yaml
 
 from tunelab.config import LoadedConfig, TuneConfig, resolved_dict
-from tunelab.config.locations import resolve_model, same_model
-from tunelab.data.prepare import PreparedData, load_examples, prepare_data
+from tunelab.data.prepare import PreparedData
 from tunelab.errors import (
     ConfigError,
-    RunDirError,
     RunInterrupted,
     TrainingFailed,
     TunelabError,
 )
-from tunelab.files import write_atomic
+from tunelab.files import exclusive, remove_leftovers, temporary_directory, write_atomic
+from tunelab.redact import redact, redact_data
 from tunelab.train import artifacts
-from tunelab.train.auto import choose, family_of
-from tunelab.train.checkpoints import MARKER, CheckpointCallback, EpochSeedCallback, StopOnSignal
-from tunelab.train.models import load_model, load_tokenizer_and_processor, model_location
-from tunelab.train.preflight import Plan, detect_hardware, preflight
+from tunelab.train.checkpoints import CheckpointCallback, EpochSeedCallback, StopOnSignal
+from tunelab.train.models import load_model
+from tunelab.train.plan import plan_run
+from tunelab.train.preflight import Plan
 from tunelab.train.resume import (
     check_resumable,
     checkpoint_step,
     fingerprint,
+    restore_finished,
     resume_point,
+    resumed_tokens,
     truncate_metrics,
 )
 from tunelab.train.rundir import (
@@ -46,23 +49,18 @@ from tunelab.train.rundir import (
     RunLayout,
     check_output_dir,
     move_into,
-    read_json,
     write_json,
 )
 from tunelab.train.stopping import StoppingRules, thresholds
+from tunelab.train.trackers import tracker_environment
 from tunelab.train.trainer import (
     build_adapter,
     build_trainer,
     count_parameters,
     quantization,
-    steps_per_epoch,
     torch_dtype,
-    total_steps,
-    tracker_environment,
     training_arguments,
 )
-
-USER = ("file", "flag", "--set")
 
 
 class RunLog:
@@ -74,12 +72,14 @@ class RunLog:
         self.path: Path | None = None
 
     def __call__(self, line: str) -> None:
+        line = redact(line)
         if not self.quiet:
             print(line, flush=True)
         self.write(line)
 
     def write(self, line: str) -> None:
         """Keep ``line`` for the log file without printing it."""
+        line = redact(line)
         if self.path is None:
             self.lines.append(line)
             return
@@ -118,34 +118,9 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _describe_data(log: RunLog, data: PreparedData) -> None:
-    for note in data.notes:
-        log(f"note: {note}")
-    for s in data.sources:
-        log(f"data: {s.path} ({s.format}, {s.rows} rows)")
-    st = data.stats
-    extra = [
-        f"{st[key]} {label}"
-        for key, label in (
-            ("duplicates", "duplicates removed"), ("truncated", "truncated"),
-            ("dropped", "dropped (too long, or nothing left to train after the cut)"),
-        )
-        if st[key]
-    ]  # fmt: skip
-    if "packed_rows" in st:
-        extra.append(
-            f"packed into {st['packed_rows']} rows ({st['packing_efficiency']:.1%} filled)"
-        )
-    log(
-        f"data: {st['train_samples']} training / {st['eval_samples']} validation samples, "
-        f"{st['trained_tokens']} of {st['train_tokens']} tokens trained, longest {st['max_length']}"
-        + "".join(f", {e}" for e in extra)
-    )
-
-
 def _save_weights(model: Any, tokenizer: Any, layout: RunLayout) -> None:
     """Adapter (or full model) and tokenizer, moved into the run dir file by file."""
-    staging = layout.root / ".weights-staging"
+    staging = temporary_directory(layout.root, "weights")
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     move_into(staging, layout.root)
@@ -158,7 +133,7 @@ def _info(config: TuneConfig, plan: Plan, data: PreparedData, model: Any, **extr
         "adapter": config.adapter,
         "datasets": [s.__dict__ for s in data.sources],
         "data": data.stats,
-        "config": resolved_dict(config),
+        "config": redact_data(resolved_dict(config)),
         "effective": {
             "learning_rate": config.learning_rate_value,
             "lora_alpha": config.lora_alpha_value if config.adapter != "full" else None,
@@ -176,7 +151,7 @@ def _info(config: TuneConfig, plan: Plan, data: PreparedData, model: Any, **extr
 
 @dataclass
 class Prepared:
-    """Everything checked and loaded, before the run directory exists."""
+    """Everything checked and loaded, before the run directory is written."""
 
     config: TuneConfig
     plan: Plan
@@ -188,108 +163,47 @@ class Prepared:
     samples: list[Sample]
     processor: Any = None  # for image-text models
     origins: dict[str, str] = field(default_factory=dict)  # setting -> where its value came from
-
-
-def _check_adapter_base(adapter_dir: Path, location: str) -> None:
-    """An adapter continues only on the base model it was trained on."""
-    recorded = read_json(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
-    if not (recorded and same_model(recorded, location)):
-        raise RunDirError(
-            f"{adapter_dir}: this adapter was trained on '{recorded}', not on '{location}'",
-            "set base_model to the model the adapter was trained on",
-        )
-
-
-def _fit_plan(plan: Plan, config: Any, model: Any, n_params: int, data: Any, origins: dict) -> Plan:
-    """On a GPU, without a given micro_batch_size: the largest batch the memory estimate fits."""
-    import dataclasses
-
-    from tunelab.train.dryrun import estimate, fitting_batch
-
-    if plan.hardware.device != "cuda" or config.micro_batch_size or config.sample_packing:
-        return plan
-    text = getattr(model.config, "text_config", model.config)
-    trainable = n_params if config.adapter == "full" else n_params // 100
-
-    def peak(batch: int) -> float:
-        trial = dataclasses.replace(plan, micro_batch_size=batch)
-        return estimate(
-            trial, config, n_params, trainable, 0, getattr(text, "hidden_size", 1024),
-            getattr(text, "num_hidden_layers", 24), data.stats["max_length"],
-        )["memory_gib"]  # fmt: skip
-
-    batch = fitting_batch(plan.hardware.memory_gb or 0.0, peak)
-    origins["micro_batch_size"] = f"fits {plan.hardware.memory_gb:.0f} GiB"
-    return dataclasses.replace(plan, micro_batch_size=batch)
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # what a resume must match
+    resume_point: Path | None = None  # the checkpoint to continue from
 
 
 def prepare(
     loaded: LoadedConfig, overwrite: bool, sample_prompts: Sequence[str], log: RunLog,
-    resume: bool = False,
+    resume: bool = False, resume_from: str | None = None,
 ) -> Prepared:  # fmt: skip
-    """Check the config, output dir, hardware and data; load the model; add the adapter."""
+    """Check the output dir, plan the run (config, data, model, machine), and, when resuming,
+    check that the run may continue; only then load the model and add the adapter."""
     from transformers import set_seed
 
     from tunelab.infer.generate import generate
 
-    output_dir = Path(loaded.config.output_dir or default_output_dir())
-    config = loaded.config.model_copy(update={"output_dir": str(output_dir)})
+    output_dir = Path(loaded.config.output_dir)
     for note in loaded.notes:
         log(f"note: {note}")
     if resume:
         check_resumable(RunLayout(output_dir))
     else:
         check_output_dir(output_dir, overwrite)
-    plan = preflight(config, detect_hardware())
-    loaded_data = load_examples(config)
-
-    ref = resolve_model(config.base_model)
-    log(f"model: {ref.describe()}")
-    location = model_location(ref, log)
-    if config.lora_model_dir:
-        _check_adapter_base(Path(config.lora_model_dir).expanduser(), location)
-    tokenizer, processor = load_tokenizer_and_processor(location, ref)
-    data = prepare_data(config, tokenizer, loaded_data, processor)
-    _describe_data(log, data)
+    rp = plan_run(loaded, log)
+    config, plan = rp.config, rp.plan
+    current = fingerprint(config, rp.data.sources, plan.micro_batch_size)
+    point = resume_point(RunLayout(output_dir), current, resume_from) if resume else None
     model = load_model(
-        location, ref, torch_dtype(plan, config), quantization(config, plan), bool(processor)
-    )
-    samples = [Sample(p, generate(model, tokenizer, p)) for p in sample_prompts]
-
-    n_params = model.num_parameters()  # counts 4-bit weights at their true size
-    model_type = getattr(model.config, "model_type", None)
-    config, origins = choose(loaded, config, model_type, n_params)
-    plan = _fit_plan(plan, config, model, n_params, data, origins)
-    if family_of(model_type).name == "gemma" and plan.precision == "fp16":
-        raise ConfigError(["fp16: gemma models overflow in float16; use bf16 (or fp32)"])
-    effective = {"micro_batch_size": plan.micro_batch_size}
-    chosen = [
-        f"{k} {effective.get(k, getattr(config, k))} ({why})"
-        for k, why in origins.items()
-        if why not in USER
-    ]
-    if chosen:
-        log(f"chosen automatically: {'; '.join(chosen)}")
-    if config.lr_scheduler == "reduce_lr_on_plateau" and not data.eval:
-        raise ConfigError(
-            ["lr_scheduler: reduce_lr_on_plateau (mode adaptive) needs a validation set; "
-             "set val_set_size above 0 or choose another mode"]
-        )  # fmt: skip
+        rp.location, rp.ref, torch_dtype(plan, config), quantization(config, plan),
+        rp.processor is not None,
+    )  # fmt: skip
+    samples = [Sample(p, generate(model, rp.tokenizer, p)) for p in sample_prompts]
     set_seed(config.seed)
     model = build_adapter(model, config, plan)
-    steps = total_steps(config, plan, len(data.train))
-    per_epoch = steps_per_epoch(config, plan, len(data.train))
-    trainable, total = count_parameters(model)
     log(
-        f"plan: {config.adapter} on {plan.hardware.name}, {plan.precision}, {steps} steps, "
+        f"plan: {config.adapter} on {plan.hardware.name}, {plan.precision}, {rp.steps} steps, "
         f"batch {plan.micro_batch_size}x{config.gradient_accumulation_steps}, "
-        f"lr {config.learning_rate_value:g}, {trainable:,} of {total:,} parameters trained"
+        f"lr {config.learning_rate_value:g}, {rp.trainable:,} of {rp.total:,} parameters trained"
     )
-    if plan.reasons:
-        log(f"chosen for this machine: {'; '.join(plan.reasons)}")
     return Prepared(
-        config, plan, data, tokenizer, model, steps, per_epoch, samples, processor, origins
-    )
+        config, plan, rp.data, rp.tokenizer, model, rp.steps, rp.per_epoch, samples,
+        rp.processor, rp.origins, current, point,
+    )  # fmt: skip
 
 
 def fit(
@@ -347,6 +261,11 @@ def fit(
     saved_env = {k: os.environ.get(k) for k in tracker_environment(prep.config, layout.root)}
     os.environ.update(tracker_environment(prep.config, layout.root))
     try:
+        if resume_from and checkpoint_step(resume_from) >= prep.steps:
+            # every step was trained before the run stopped; the Trainer would run one more
+            restore_finished(trainer, resume_from)
+            log(f"all {prep.steps} steps were trained before; finishing the run")
+            return trainer, stopper, rules
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         step = trainer.state.global_step
         stopped = stopper.received is not None or rules.reason is not None
@@ -382,21 +301,22 @@ def save_artifacts(prep: Prepared, trainer: Any, layout: RunLayout, started: str
     return losses
 
 
-def _open_run(
-    prep: Prepared, overwrite: bool, resume: bool, resume_from: str | None, log: RunLog
-) -> tuple[RunDir, Path | None, dict[str, Any]]:
-    """The run directory (new, staged, or the one being resumed) and where to resume from."""
-    output_dir = Path(prep.config.output_dir)
-    current = fingerprint(prep.config, prep.data.sources, prep.plan.micro_batch_size)
-    if not (resume or resume_from):
-        return RunDir.create(output_dir, overwrite), None, current
-    layout = RunLayout(output_dir.resolve())
-    check_resumable(layout)
-    point = resume_point(layout, current, resume_from)
-    step = checkpoint_step(point) if (point / MARKER).is_file() else 0
+def _open_run(prep: Prepared, overwrite: bool, log: RunLog) -> RunDir:
+    """The run directory: new, staged beside a run it replaces, or the one being resumed
+    (with what an interrupted write left there cleared, and later metrics forgotten)."""
+    output_dir = Path(prep.config.output_dir).resolve()
+    remove_leftovers(output_dir.parent, f"{output_dir.name}.new-", f"{output_dir.name}.old-")
+    if prep.resume_point is None:
+        return RunDir.create(output_dir, overwrite)
+    layout = RunLayout(output_dir)
+    shutil.rmtree(layout.root / ".weights-staging", ignore_errors=True)  # older versions' name
+    for folder in (layout.root, layout.checkpoints):
+        for name in remove_leftovers(folder):
+            log(f"note: removed {folder / name}, left by an interrupted write")
+    step = checkpoint_step(prep.resume_point)
     truncate_metrics(layout, step)
-    log(f"resuming from {point} (step {step})")
-    return RunDir(layout, layout.root), point, current
+    log(f"resuming from {prep.resume_point} (step {step})")
+    return RunDir(layout, layout.root)
 
 
 def _push(root: Path, config: TuneConfig, log: RunLog) -> None:
@@ -423,24 +343,48 @@ def train(
     """Run a whole training job; raises a :class:`~tunelab.errors.TunelabError` on bad input.
 
     ``resume`` continues the run in ``output_dir`` from its last complete checkpoint
-    (``resume_from``: from that checkpoint), refusing if the data, base model or adapter
-    shape changed.
+    (``resume_from``: from that checkpoint), refusing if the data, base model, adapter
+    shape or training schedule changed. The output directory is held by this process
+    alone until the run ends; another process writing it is refused.
     """
-    from tunelab.infer.generate import generate
-
     if overwrite and (resume or resume_from):
         raise ConfigError(["--overwrite starts the run again; --resume continues it: choose one"])
+    output_dir = Path(loaded.config.output_dir or default_output_dir())
+    config = loaded.config.model_copy(update={"output_dir": str(output_dir)})
+    loaded = dataclasses.replace(loaded, config=config)
+    with exclusive(output_dir):
+        return _train(loaded, overwrite, sample_prompts, quiet, bool(resume or resume_from),
+                      resume_from)  # fmt: skip
+
+
+def _failure_status(exc: BaseException) -> dict[str, Any]:
+    """The state, message and way out a failed or interrupted run records (never a secret)."""
+    interrupted = isinstance(exc, (KeyboardInterrupt, RunInterrupted))
+    message = exc.message if isinstance(exc, TunelabError) else f"{type(exc).__name__}: {exc}"
+    hint = exc.hint if isinstance(exc, TunelabError) else None
+    record = {"state": "interrupted" if interrupted else "failed", "error": redact(message)}
+    return {**record, "hint": redact(hint)} if hint else record
+
+
+def _train(
+    loaded: LoadedConfig, overwrite: bool, sample_prompts: Sequence[str], quiet: bool,
+    resume: bool, resume_from: str | None,
+) -> RunResult:  # fmt: skip
+    from tunelab.infer.generate import generate
+
     log = RunLog(quiet)
-    prep = prepare(loaded, overwrite, sample_prompts, log, resume=bool(resume or resume_from))
-    run, point, current = _open_run(prep, overwrite, resume, resume_from, log)
+    prep = prepare(loaded, overwrite, sample_prompts, log, resume, resume_from)
+    run = _open_run(prep, overwrite, log)
     layout = run.layout
-    log.attach(layout.log, append=point is not None)
-    write_atomic(layout.config, yaml.safe_dump(resolved_dict(prep.config), sort_keys=False))
+    log.attach(layout.log, append=prep.resume_point is not None)
+    resolved = redact_data(resolved_dict(prep.config))
+    write_atomic(layout.config, yaml.safe_dump(resolved, sort_keys=False))
     started, clock = _now(), time.perf_counter()
-    status = {"started": started, "total_steps": prep.steps, "fingerprint": current}
+    status = {"started": started, "total_steps": prep.steps, "fingerprint": prep.fingerprint}
     write_json(layout.status, {"state": "running", **status})
+    tokens_before = resumed_tokens(prep.resume_point)
     try:
-        trainer, stopper, rules = fit(prep, layout, log, quiet, point)
+        trainer, stopper, rules = fit(prep, layout, log, quiet, prep.resume_point)
         steps = trainer.state.global_step
         if stopper.received is not None:
             if run.layout.root != run.final:  # a replacement run: the old one stays
@@ -468,12 +412,8 @@ def train(
             layout.status, {"state": "completed", **status, "finished": _now(), "steps": steps}
         )
     except BaseException as exc:
-        interrupted = isinstance(exc, (KeyboardInterrupt, RunInterrupted))
         log.write(traceback.format_exc())
-        write_json(
-            layout.status,
-            {"state": "interrupted" if interrupted else "failed", **status, "error": repr(exc)},
-        )
+        write_json(layout.status, {**status, **_failure_status(exc)})
         run.abandon()
         raise
     layout = run.finish()
@@ -482,10 +422,7 @@ def train(
     for sample in prep.samples:
         sample.after = generate(trainer.model, prep.tokenizer, sample.prompt)
     final, best = losses.get("final_loss", float("nan")), losses.get("best_eval_loss")
-    # tokens of this session only (a resumed run's state counts the earlier ones too)
-    tokens = trainer.state.num_input_tokens_seen - getattr(
-        trainer, "_initial_num_input_tokens_seen", 0
-    )
+    tokens = trainer.state.num_input_tokens_seen - tokens_before  # this session's only
     log(
         f"done: {steps} steps in {duration:.0f}s "
         f"({tokens / duration:.0f} tokens/s), final loss {final:.4f}"

@@ -27,13 +27,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import RunDirError
-from tunelab.files import write_atomic
+from tunelab.files import temporary_directory, write_atomic
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -157,9 +156,7 @@ class RunDir:
         check_output_dir(output_dir, overwrite)
         output_dir = output_dir.resolve()
         if output_dir.exists() and any(output_dir.iterdir()):
-            staging = Path(
-                tempfile.mkdtemp(prefix=f".{output_dir.name}.new-", dir=output_dir.parent)
-            )
+            staging = temporary_directory(output_dir.parent, f"{output_dir.name}.new")
             return cls(RunLayout(staging), output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         return cls(RunLayout(output_dir), output_dir)
@@ -167,7 +164,7 @@ class RunDir:
     def finish(self) -> RunLayout:
         """Put a finished run in its final place; returns the final layout."""
         if self.layout.root != self.final:
-            old = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.old-", dir=self.final.parent))
+            old = temporary_directory(self.final.parent, f"{self.final.name}.old")
             os.replace(self.final, old / "run")
             os.replace(self.layout.root, self.final)
             shutil.rmtree(old, ignore_errors=True)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 from tunelab.config.schema import TuneConfig
 from tunelab.train.models import bnb_config
 from tunelab.train.preflight import Plan
 from tunelab.train.rundir import RunLayout
+from tunelab.train.trackers import trackers
 
 
 def torch_dtype(plan: Plan, config: TuneConfig) -> Any:
@@ -35,22 +35,15 @@ def quantization(config: TuneConfig, plan: Plan) -> Any:
 VISION_MODULES = r".*(vision_tower|vision_model|visual|multi_modal_projector|mm_projector).*"
 
 
-def build_adapter(model: Any, config: TuneConfig, plan: Plan) -> Any:
-    """Wrap ``model`` with a LoRA adapter (or leave it whole for full fine-tuning)."""
-    if config.adapter == "full":
-        return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def lora_settings(model: Any, config: TuneConfig) -> Any:
+    """peft's LoraConfig for ``model``: the config's settings, or those of the adapter
+    being continued (``lora_model_dir``)."""
+    from peft import LoraConfig
 
-    if config.adapter == "qlora" or config.load_in_8bit:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=plan.gradient_checkpointing
-        )
-    if config.lora_model_dir:  # continue a finished adapter, with a fresh optimizer
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, config.lora_model_dir, is_trainable=True)
+    if config.lora_model_dir:
+        return LoraConfig.from_pretrained(config.lora_model_dir)
     vision = getattr(model.config, "vision_config", None) is not None
-    lora = LoraConfig(
+    return LoraConfig(
         # on an image-text model only the language part is adapted
         exclude_modules=VISION_MODULES if vision else None,
         r=config.lora_r,
@@ -59,7 +52,25 @@ def build_adapter(model: Any, config: TuneConfig, plan: Plan) -> Any:
         target_modules=config.lora_targets,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+
+
+def build_adapter(model: Any, config: TuneConfig, plan: Plan, weights: bool = True) -> Any:
+    """Wrap ``model`` with a LoRA adapter (or leave it whole for full fine-tuning).
+
+    ``weights=False`` only shapes the adapter (for a model on the meta device): a continued
+    adapter's weights are not read and nothing is prepared for quantized training.
+    """
+    if config.adapter == "full":
+        return model
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if weights and (config.adapter == "qlora" or config.load_in_8bit):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=plan.gradient_checkpointing
+        )
+    if weights and config.lora_model_dir:  # continue a finished adapter, with a fresh optimizer
+        return PeftModel.from_pretrained(model, config.lora_model_dir, is_trainable=True)
+    return get_peft_model(model, lora_settings(model, config))
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
@@ -87,30 +98,6 @@ def total_steps(config: TuneConfig, plan: Plan, n_train: int) -> int:
     if config.max_steps:
         return config.max_steps
     return math.ceil(config.num_epochs * steps_per_epoch(config, plan, n_train))
-
-
-def trackers(config: TuneConfig) -> list[str]:
-    """The trainer's own experiment-tracker integrations the config asks for."""
-    out = []
-    if config.wandb_project or config.wandb_mode in ("online", "offline"):
-        out.append("wandb")
-    if config.mlflow_tracking_uri or config.mlflow_experiment_name:
-        out.append("mlflow")
-    return out
-
-
-def tracker_environment(config: TuneConfig, run_dir: Path) -> dict[str, str]:
-    """Settings the tracker integrations read from the environment (never the secrets)."""
-    pairs = {
-        "WANDB_PROJECT": config.wandb_project,
-        "WANDB_ENTITY": config.wandb_entity,
-        "WANDB_RUN_ID": config.wandb_run_id,
-        "WANDB_MODE": config.wandb_mode,
-        "WANDB_DIR": str(run_dir) if "wandb" in trackers(config) else None,
-        "MLFLOW_TRACKING_URI": config.mlflow_tracking_uri,
-        "MLFLOW_EXPERIMENT_NAME": config.mlflow_experiment_name,
-    }
-    return {k: v for k, v in pairs.items() if v}
 
 
 SCHEDULER_KWARGS = {
