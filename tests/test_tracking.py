@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 
 from tunelab.config import load_config
 from tunelab.errors import ConfigError
@@ -38,3 +39,94 @@ def test_secrets_in_a_config_are_refused_without_echo(tmp_path, alpaca_file):
         load_config(cfg)
     assert "set WANDB_API_KEY in the environment" in str(info.value)
     assert "SECRETVALUE" not in str(info.value)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _settings(model_dir, data, out, **more):
+    return {"base_model": str(model_dir), "datasets": [{"path": str(data)}], "val_set_size": 0,
+            "max_steps": 2, "logging_steps": 1, "output_dir": str(out), **more}  # fmt: skip
+
+
+def test_trackers_that_cannot_log_stop_the_run_before_it_starts(
+    tiny_model_dir, alpaca_file, tmp_path, monkeypatch, capsys
+):
+    from .conftest import cli
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from `wandb login`
+    base = ["train", "--data", str(alpaca_file), "--base-model", str(tiny_model_dir),
+            "--output", str(tmp_path / "run"), "--no-tensorboard"]  # fmt: skip
+    code, err = cli([*base, "--set", "wandb_project=p"], capsys)
+    assert code == 2 and "needs an API key" in err and "wandb_mode: offline" in err
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
+    code, err = cli([*base, "--set", "wandb_project=p"], capsys)
+    assert code == 2 and "Weights & Biases at http://127.0.0.1" in err and "unreachable" in err
+    uri = f"http://bob:hunter2@127.0.0.1:{_closed_port()}"
+    code, err = cli([*base, "--set", f"mlflow_tracking_uri={uri}"], capsys)
+    assert code == 2 and "the MLflow server http://bob:***@127.0.0.1" in err
+    assert "hunter2" not in err and not (tmp_path / "run").exists()
+
+
+def test_a_password_in_a_tracking_uri_is_used_but_never_saved_or_shown(
+    tiny_model_dir, alpaca_file, tmp_path, capsys
+):
+    """A stand-in MLflow server on 127.0.0.1 accepts whatever the client sends, so the run
+    logs to it with the password; nothing the run writes or prints holds the password."""
+    import base64
+    import http.server
+    import threading
+
+    seen = []
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            seen.append(self.headers.get("Authorization"))
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        do_GET = do_POST = do_PATCH = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://alice:s3cretpw@127.0.0.1:{server.server_port}"
+    try:
+        result = train(load_config(overrides=_settings(
+            tiny_model_dir, alpaca_file, tmp_path / "run", mlflow_tracking_uri=uri)))  # fmt: skip
+    finally:
+        server.shutdown()
+    assert f"Basic {base64.b64encode(b'alice:s3cretpw').decode()}" in seen  # it was used
+    files = [p for p in result.run_dir.rglob("*") if p.is_file()]
+    assert len(files) > 10
+    for path in files:
+        assert b"s3cretpw" not in path.read_bytes(), path
+    saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert saved["mlflow_tracking_uri"] == f"http://alice:***@127.0.0.1:{server.server_port}"
+    out, err = capsys.readouterr()
+    assert "s3cretpw" not in out + err
+
+
+def test_validate_and_dry_run_never_show_a_password(tiny_model_dir, alpaca_file, capsys):
+    from .conftest import cli
+
+    uri = "file://carol:pa55word@/tmp/mlruns"
+    base = ["--data", str(alpaca_file), "--base-model", str(tiny_model_dir),
+            "--set", f"mlflow_tracking_uri={uri}"]  # fmt: skip
+    for args in (["validate", *base], ["train", *base, "--dry-run", "--json"]):
+        code, err = cli(args, capsys)
+        assert code == 0, err
+        assert "pa55word" not in cli.out + err and "carol:***@" in cli.out

@@ -234,6 +234,29 @@ def test_unreachable_hub_model_is_a_clear_error(alpaca_file, tmp_path):
     assert "Traceback" not in proc.stderr and not out.exists()
 
 
+def test_a_hub_model_without_network_fails_at_once(alpaca_file, tmp_path):
+    """No network (here: a Hub endpoint nothing listens on): the error comes from one quick
+    connection attempt, not from the Hub client's retries, for train and --dry-run alike."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path)}
+    env.pop("HF_HUB_OFFLINE", None)
+    base = ["train", "--data", str(alpaca_file), "--base-model", "someorg/no-such-model"]
+    for extra in (["--output", str(tmp_path / "out")], ["--dry-run"]):
+        proc = subprocess.run([sys.executable, "-m", "tunelab.cli", *base, *extra],
+                              capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert f"the Hugging Face Hub at http://127.0.0.1:{port} is unreachable" in proc.stderr
+        assert "not in the local cache" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_overwrite_refuses_a_directory_that_is_not_a_run(tiny_model_dir, alpaca_file, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()

@@ -8,6 +8,9 @@ as given, and shown or saved as ``https://user:***@host``.
 from __future__ import annotations
 
 import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from typing import Any
 
 # scheme://user:password@ (the user is kept) or scheme://token@ (all of it is a secret)
@@ -38,3 +41,27 @@ def redact_data(value: Any) -> Any:
 
 def has_password(text: str) -> bool:
     return bool(_USERINFO.search(text))
+
+
+class RedactedStream:
+    """A text stream that masks credentials in everything written to it (libraries print
+    their service's address, password included)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(redact(text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def redacted_output() -> Iterator[None]:
+    """Mask credentials in whatever is printed to stdout and stderr meanwhile."""
+    with (
+        redirect_stdout(RedactedStream(sys.stdout)),
+        redirect_stderr(RedactedStream(sys.stderr)),
+    ):
+        yield

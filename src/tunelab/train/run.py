@@ -29,7 +29,7 @@ from tunelab.errors import (
     TunelabError,
 )
 from tunelab.files import exclusive, remove_leftovers, temporary_directory, write_atomic
-from tunelab.redact import redact, redact_data
+from tunelab.redact import redact, redact_data, redacted_output
 from tunelab.train import artifacts
 from tunelab.train.checkpoints import CheckpointCallback, EpochSeedCallback, StopOnSignal
 from tunelab.train.models import load_model
@@ -352,7 +352,7 @@ def train(
     output_dir = Path(loaded.config.output_dir or default_output_dir())
     config = loaded.config.model_copy(update={"output_dir": str(output_dir)})
     loaded = dataclasses.replace(loaded, config=config)
-    with exclusive(output_dir):
+    with exclusive(output_dir), redacted_output():
         return _train(loaded, overwrite, sample_prompts, quiet, bool(resume or resume_from),
                       resume_from)  # fmt: skip
 
