@@ -11,6 +11,7 @@ from tunelab.config.locations import resolve_model
 from tunelab.data.formats import alpaca_to_messages
 from tunelab.data.tokenize import IGNORE_INDEX, render_segments, tokenize_segments
 from tunelab.errors import ModelError
+from tunelab.infer import hub
 from tunelab.train import models
 from tunelab.train.run import train
 
@@ -44,6 +45,10 @@ ROWS = [
 def builtin_location():
     ref = resolve_model(BUILTIN_MODEL)
     return ref, models.model_location(ref)
+
+
+def location_of_builtin() -> str:
+    return models.model_location(resolve_model(BUILTIN_MODEL))
 
 
 def test_missing_package_says_how_to_install(monkeypatch):
@@ -91,6 +96,19 @@ def test_trains_the_builtin_model_a_few_steps(builtin_location, tmp_path):
     assert result.samples[0].before and result.samples[0].after
     info = json.loads((result.run_dir / "adapter_info.json").read_text())
     assert info["base_model"] == BUILTIN_MODEL and info["parameters"]["trainable"] > 0
+    # what was really trained on, and a base others can load, in the card and in a push
+    assert info["base"]["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "Q4_1" in info["base"]["trained_on"] and "dequantized" in info["base"]["trained_on"]
+    card = (result.run_dir / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "Q4_1" in card
+    assert str(models.cache_root()) not in card
+    pushed = json.loads(hub.adapter_config(result.run_dir))
+    assert pushed["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub.model_card(result.run_dir, "me/secret").startswith(
+        "---\nlibrary_name: peft\ntags: [tunelab]\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
+    local = json.loads((result.run_dir / "adapter_config.json").read_text())
+    assert local["base_model_name_or_path"] == location_of_builtin()  # loads offline here
 
     ref, location = builtin_location
     base = models.load_model(location, ref)

@@ -7,19 +7,15 @@ so a machine without network gets an error in seconds instead of a hang.
 
 from __future__ import annotations
 
-import os
-import socket
+import json
 from pathlib import Path
-from urllib.parse import urlparse
 
-from tunelab.config import BUILTIN_MODEL
 from tunelab.errors import TunelabError
+from tunelab.train import card
 from tunelab.train.rundir import RunLayout, read_json
 
-BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-CONNECT_TIMEOUT = 10.0
 # Run-directory parts that are for the machine that trained, not for a model repository.
-NOT_PUSHED = frozenset({"checkpoints", "logs", "status.json", "train.log"})
+NOT_PUSHED = frozenset({"checkpoints", "logs", "status.json", "train.log", "wandb"})
 
 
 def hub_token() -> str:
@@ -38,22 +34,15 @@ def hub_token() -> str:
 
 def check_reachable() -> None:
     """Fail fast, with the reason, when the Hub cannot be reached or is switched off."""
-    from huggingface_hub import constants
+    from tunelab.network import hub_problem
 
-    if constants.HF_HUB_OFFLINE:
-        raise TunelabError("HF_HUB_OFFLINE is set: the Hub is switched off", "unset HF_HUB_OFFLINE")
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return  # the proxy decides; a direct connection would prove nothing
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=CONNECT_TIMEOUT).close()
-    except OSError as exc:
+    problem = hub_problem()
+    if problem:
         raise TunelabError(
-            f"cannot reach the Hugging Face Hub at {constants.ENDPOINT}: {exc}",
+            f"cannot push: {problem}",
             "check the network connection; the files stay here, so push again later with "
             "`tunelab push`",
-        ) from None
+        )
 
 
 def _pushed(relative: Path) -> bool:
@@ -66,29 +55,30 @@ def _files(folder: Path) -> list[Path]:
 
 def model_card(folder: Path, repo_id: str) -> str:
     """A README.md for the repository, from what the run recorded."""
-    info = read_json(RunLayout(folder).info)
-    base = info.get("base_model") or read_json(folder / "config.json").get("_name_or_path", "")
-    base = BUILTIN_HUB_ID if base.lower() == BUILTIN_MODEL.lower() else base
-    adapter = (folder / "adapter_config.json").is_file()
+    title = repo_id.split("/")[-1]
     ggufs = sorted(p.name for p in folder.glob("*.gguf"))
-    library = "peft" if adapter else "gguf" if ggufs else "transformers"
-    head = ["---", f"library_name: {library}", "tags: [tunelab]"]
-    if base and "/" in base and not Path(base).exists():
-        head.append(f"base_model: {base}")
-    data = ", ".join(Path(d["path"]).name for d in info.get("datasets") or []) or "its own data"
-    losses = info.get("losses") or {}
-    lines = [*head, "---", "", f"# {repo_id.split('/')[-1]}", ""]
     if ggufs:
-        lines.append(
-            f"GGUF files exported by tunelab: {', '.join(ggufs)}; the Modelfile is for Ollama."
-        )
-    else:
-        what = "A LoRA adapter" if adapter else "A fine-tuned model"
-        lines.append(f"{what} for `{base or 'its base model'}`, trained with tunelab on {data}.")
-    if losses:
-        lines += ["", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v} |" for k, v in losses.items() if v is not None]
-    return "\n".join(lines) + "\n"
+        return "\n".join([
+            "---", "library_name: gguf", "tags: [tunelab]", "---", "", f"# {title}", "",
+            f"GGUF files exported by tunelab: {', '.join(ggufs)}; the Modelfile is for Ollama.",
+        ]) + "\n"  # fmt: skip
+    info = read_json(RunLayout(folder).info) or {
+        "base_model": read_json(folder / "config.json").get("_name_or_path", "")
+    }
+    return card.model_card(info, title, adapter=(folder / "adapter_config.json").is_file())
+
+
+def adapter_config(folder: Path) -> bytes | None:
+    """The adapter_config.json to upload: naming the base by its Hub id, where the run's
+    record has one, instead of a directory on this machine; None for no adapter."""
+    path = folder / "adapter_config.json"
+    if not path.is_file():
+        return None
+    config = read_json(path)
+    hub_id = card.recorded_base(read_json(RunLayout(folder).info)).get("hub_id")
+    if hub_id:
+        config["base_model_name_or_path"] = hub_id
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def push(folder: str | Path, repo_id: str, private: bool = False, log=print) -> str:
@@ -106,14 +96,15 @@ def push(folder: str | Path, repo_id: str, private: bool = False, log=print) -> 
     check_reachable()
     # a run's card is made from its record (peft's template card names a local path)
     own_card = RunLayout(folder).info.is_file() or not (folder / "README.md").is_file()
+    rewritten = {"adapter_config.json": adapter_config(folder)}
+    if own_card:
+        rewritten["README.md"] = model_card(folder, repo_id).encode("utf-8")
     operations = [
         CommitOperationAdd(p.relative_to(folder).as_posix(), str(p))
         for p in files
-        if not (own_card and p == folder / "README.md")
+        if p.relative_to(folder).as_posix() not in rewritten
     ]
-    if own_card:
-        card = model_card(folder, repo_id).encode("utf-8")
-        operations.append(CommitOperationAdd("README.md", card))
+    operations += [CommitOperationAdd(name, data) for name, data in rewritten.items() if data]
     log(f"pushing {len(files)} files from {folder} to {repo_id} ...")
     try:
         # None keeps the account's default (which may be private)

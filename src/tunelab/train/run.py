@@ -31,6 +31,7 @@ from tunelab.errors import (
 from tunelab.files import exclusive, remove_leftovers, temporary_directory, write_atomic
 from tunelab.redact import redact, redact_data, redacted_output
 from tunelab.train import artifacts
+from tunelab.train.card import base_record, model_card
 from tunelab.train.checkpoints import CheckpointCallback, EpochSeedCallback, StopOnSignal
 from tunelab.train.models import load_model
 from tunelab.train.plan import plan_run
@@ -165,6 +166,7 @@ class Prepared:
     origins: dict[str, str] = field(default_factory=dict)  # setting -> where its value came from
     fingerprint: dict[str, Any] = field(default_factory=dict)  # what a resume must match
     resume_point: Path | None = None  # the checkpoint to continue from
+    base: dict[str, Any] = field(default_factory=dict)  # where the base model came from
 
 
 def prepare(
@@ -202,7 +204,7 @@ def prepare(
     )
     return Prepared(
         config, plan, rp.data, rp.tokenizer, model, rp.steps, rp.per_epoch, samples,
-        rp.processor, rp.origins, current, point,
+        rp.processor, rp.origins, current, point, base_record(rp.ref),
     )  # fmt: skip
 
 
@@ -292,12 +294,15 @@ def save_artifacts(prep: Prepared, trainer: Any, layout: RunLayout, started: str
     artifacts.plot_history(records, layout.plot)
     state = trainer.state
     info = _info(
-        prep.config, prep.plan, prep.data, trainer.model, origins=prep.origins,
+        prep.config, prep.plan, prep.data, trainer.model, base=prep.base, origins=prep.origins,
         steps=state.global_step, epochs=round(state.epoch or 0, 4), losses=losses,
         duration_s=round(time.perf_counter() - clock, 1), started=started, finished=_now(),
         tokens_seen=state.num_input_tokens_seen,
     )  # fmt: skip
     write_json(layout.info, info)
+    # the card peft writes names the base by a path on this machine; ours says what it was
+    card = model_card(info, Path(prep.config.output_dir).name, prep.config.adapter != "full")
+    write_atomic(layout.card, card)
     return losses
 
 

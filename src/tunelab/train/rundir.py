@@ -11,7 +11,9 @@
       adapter_model.safetensors
       model.safetensors, config.json   instead of the adapter, after full fine-tuning
       tokenizer.json, tokenizer_config.json, chat_template.jinja
-      adapter_info.json           base model, data files and hashes, steps, losses, versions
+      adapter_info.json           base model (and what training really read), data files and
+                                  hashes, steps, losses, versions
+      README.md                   model card: the base by an id others can load, data, losses
       training_history.png        loss curves
       logs/                       TensorBoard event files
       checkpoints/checkpoint-N/   intermediate checkpoints (with save_steps)
@@ -72,6 +74,10 @@ class RunLayout:
     @property
     def info(self) -> Path:
         return self.root / "adapter_info.json"
+
+    @property
+    def card(self) -> Path:
+        return self.root / "README.md"
 
     @property
     def plot(self) -> Path:

