@@ -567,3 +567,23 @@ def test_a_base_model_alone_is_scored_into_outputs(text_run, tiny_model_dir, tmp
     rows = json.loads(cli.out)
     assert code == 0 and [r["adapter"] for r in rows] == ["-"], err
     assert (tmp_path / "outputs" / "evaluations.csv").read_text().count("\n") == 2
+
+
+def test_missing_or_damaged_weights_are_named(trained, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained.run_dir, run_dir)
+    weights = run_dir / "adapter_model.safetensors"
+    whole = weights.read_bytes()
+    weights.unlink()
+    code, err = cli(["merge", str(run_dir), "--output", str(tmp_path / "m")], capsys)
+    assert code == 2 and f"{weights}: the adapter's weights are missing" in err
+    assert "does not fit" not in err and not (tmp_path / "m").exists()
+    weights.write_bytes(whole[: len(whole) // 2])
+    for command in (["merge", str(run_dir), "--output", str(tmp_path / "m")],
+                    ["generate", "--run", str(run_dir), "hi"]):  # fmt: skip
+        code, err = cli(command, capsys)
+        assert code == 2 and f"{weights}: the adapter's weights cannot be read" in err
+        assert "truncated or damaged" in err and "does not fit" not in err
+    assert not (tmp_path / "m").exists()

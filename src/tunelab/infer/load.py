@@ -77,6 +77,43 @@ def _owning_run(path: Path) -> Path | None:
     return None
 
 
+def _weight_files(folder: Path, full: bool) -> list[Path]:
+    """The safetensors files ``folder``'s model or adapter is stored in."""
+    if not full:
+        return [folder / "adapter_model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set((read_json(index).get("weight_map") or {}).values()))
+        return [folder / name for name in shards]
+    return [folder / "model.safetensors"]
+
+
+def check_weights(folder: Path, full: bool) -> None:
+    """Every weight file of ``folder`` is there and reads as safetensors (header and length);
+    otherwise say which file, and what is wrong with it."""
+    from safetensors import SafetensorError, safe_open
+
+    if not full and (folder / "adapter_model.bin").is_file():
+        return  # peft's older format; loading it says what is wrong, if anything is
+    hint = (
+        "the run was probably stopped while saving: resume it (`tunelab train ... --resume`) "
+        "or use one of its checkpoints (--checkpoint last)"
+    )
+    what = "model" if full else "adapter"
+    for path in _weight_files(folder, full):
+        if not path.is_file():
+            raise ModelError(f"{path}: the {what}'s weights are missing", hint)
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(
+                f"{path}: the {what}'s weights cannot be read ({exc}); the file is truncated or "
+                "damaged",
+                hint,
+            ) from None
+
+
 def resolve_target(path: str | Path, checkpoint: str | None = None) -> Target:
     """The trained weights at ``path`` (a run, a checkpoint or an adapter directory).
 
@@ -103,8 +140,10 @@ def resolve_target(path: str | Path, checkpoint: str | None = None) -> Target:
             )
         location = recorded if recorded and Path(recorded).is_dir() else None
         qlora = info.get("adapter") == "qlora"
+        check_weights(where, full=False)
         return Target(where, label, base, location, False, run, qlora)
     if (where / "config.json").is_file() and any((where / w).is_file() for w in _WEIGHTS):
+        check_weights(where, full=True)
         return Target(where, label, info.get("base_model") or str(where), None, True, run)
     hint = "give the output_dir of a finished `tunelab train` run"
     names = _checkpoint_names(run) if run else []
