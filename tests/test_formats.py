@@ -222,3 +222,101 @@ def test_named_templates_mask_every_assistant_turn(name, tiny_model_dir):
     assert all("Hi" not in r and "Bye" not in r and "Be brief." not in r for r in responses)
     assert "None" not in "".join(s.text for s in segments)
     assert trained == "".join(responses)
+
+
+NAN, INF = float("nan"), float("inf")
+CHAT = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]
+
+
+@pytest.mark.parametrize(
+    "fmt, row, problem",
+    [
+        ("alpaca", {"instruction": "Say nothing", "output": NAN},
+         "'output' must be text, found a number (NaN); write it as a string"),
+        ("alpaca", {"instruction": 3, "output": "x"}, "'instruction' must be text, found a number;"),
+        ("alpaca", {"instruction": "a", "input": True, "output": "x"},
+         "'input' must be text, found a boolean (true)"),
+        ("alpaca", {"instruction": "a", "output": "x", "system": ["a"]},
+         "'system' must be text, found a list"),
+        ("alpaca", {"instruction": "a", "output": "x", "history": [["q", 1]]},
+         "'history' pair 1: must be text, found a number"),
+        ("qa", {"question": "q", "answer": INF}, "'answer' must be text, found a number (Infinity)"),
+        ("qa", {"question": "q", "answer": "a", "context": {"x": 1}},
+         "'context' must be text, found an object"),
+        ("completion", {"prompt": 1.5, "completion": "x"}, "'prompt' must be text, found a number"),
+        ("completion", {"prompt": "p", "completion": False},
+         "'completion' must be text, found a boolean (false)"),
+        ("text", {"text": -INF}, "'text' must be text, found a number (-Infinity)"),
+        ("sharegpt", {"conversations": [CHAT[0], {"from": "gpt", "value": 42}]},
+         "'value' of turn 2 must be text, found a number"),
+        ("sharegpt", {"conversations": CHAT, "system": NAN}, "'system' must be text, found a number (NaN)"),
+        ("sharegpt", {"conversations": CHAT, "tools": 3}, "'tools' must be a list of tool definitions"),
+        ("openai", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]},
+                                 {"role": "assistant", "content": "x"}]},
+         "'content' of turn 1 text part must be text, found a number"),
+        ("openai", {"messages": [{"role": "user", "content": [{"type": "image_url"}]},
+                                 {"role": "assistant", "content": "x"}]},
+         "'content' of turn 1 holds a 'image_url' part; only text parts"),
+        ("vision", {"image": "a.png", "caption": NAN}, "'caption' must be text, found a number (NaN)"),
+        ("vision", {"image": "a.png", "caption": "c", "prompt": 7}, "'prompt' must be text"),
+        ("alpaca", {"instruction": "hi \ud800", "output": "x"},
+         "'instruction' holds \\ud800, half of a UTF-16 surrogate pair"),
+    ],
+)  # fmt: skip
+def test_values_that_are_not_text_are_errors(fmt, row, problem):
+    with pytest.raises(RowError) as info:
+        FORMATS[fmt].convert(row)
+    assert problem in str(info.value)
+
+
+def test_null_is_missing_where_required_and_empty_where_optional():
+    row = {"instruction": "Hi", "input": None, "system": None, "history": None, "output": "Yo"}
+    assert FORMATS["alpaca"].convert(row)[0] == {"role": "user", "content": "Hi"}
+    with pytest.raises(RowError, match="'instruction' is missing"):
+        FORMATS["alpaca"].convert({"instruction": None, "output": "Yo"})
+    turns = [{"role": "user", "content": None}, {"role": "assistant", "content": "Yo"}]
+    assert FORMATS["openai"].convert({"messages": turns})[0]["content"] == ""
+
+
+def test_nan_rows_in_jsonl_are_counted_and_named(tmp_path, capsys):
+    from .conftest import cli
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        '{"instruction": "Hi", "output": "Yo"}\n'
+        '{"instruction": "Say nothing", "output": NaN}\n'
+        '{"instruction": "Count", "output": 3}\n'
+        '{"instruction": "More", "output": 4}\n'
+    )
+    code, err = cli(["validate", "--data", str(path)], capsys)
+    assert code == 2
+    assert f"error: {path}: 3 of 4 rows cannot be read as alpaca:" in err
+    assert (
+        "2 rows: 'output' must be text, found a number; write it as a string (first at line 3)"
+        in err
+    )
+    assert (
+        "1 row: 'output' must be text, found a number (NaN); write it as a string (first at line 2)"
+        in err
+    )
+
+
+def test_csv_values_are_text_and_typed_columns_are_checked(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def load(path):
+        return load_examples(load_config(overrides={"datasets": [{"path": str(path)}]}).config)
+
+    (tmp_path / "d.csv").write_text("question,answer,context\nTwo plus two?,4,\nNaN?,NaN,\n")
+    answers = sorted(ex.sample[1]["content"] for ex in load(tmp_path / "d.csv").examples)
+    assert answers == ["4", "NaN"]  # a CSV holds only text
+    rows = [{"instruction": "a", "input": None, "output": "b"}, {"instruction": "c", "input": "d", "output": "e"}]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "ok.parquet")
+    assert len(load(tmp_path / "ok.parquet").examples) == 2  # a null in an optional column
+    numbers = [{"question": "q", "answer": 1.5}, {"question": "r", "answer": float("nan")}]
+    pq.write_table(pa.Table.from_pylist(numbers), tmp_path / "n.parquet")
+    with pytest.raises(DataError) as info:
+        load(tmp_path / "n.parquet")
+    assert "2 of 2 rows cannot be read as qa" in info.value.message
+    assert "1 row: 'answer' must be text, found a number (NaN)" in info.value.message

@@ -213,3 +213,60 @@ def test_unreachable_hub_dataset_is_a_clear_error(tmp_path):
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     )
     assert "could not load hub dataset 'someorg/nodata' (split 'test')" in proc.stdout
+
+
+def test_truncation_that_throws_most_of_a_sample_away_is_a_loud_note(tmp_path, tiny_tokenizer):
+    from tunelab.data.formats import FORMATS
+    from tunelab.data.tokenize import sample_segments, tokenize_segments
+
+    def tokens(line):
+        sample = FORMATS["text"].convert({"text": line})
+        return len(
+            tokenize_segments(sample_segments(sample, tiny_tokenizer, False), tiny_tokenizer)[0]
+        )
+
+    long, medium = "the capital of france is paris. " * 100, "the capital of france is paris. " * 7
+    assert tokens(long) > 2 * 64 and 64 < tokens(medium) < 2 * 64
+    (tmp_path / "d.txt").write_text(f"{long}\n{medium}\nshort line\n")
+    overrides = {"datasets": [{"path": str(tmp_path / "d.txt")}], "val_set_size": 0}
+    config = load_config(overrides={**overrides, "sequence_len": 64}).config
+    data = prepare_data(config, tiny_tokenizer)
+    lost = tokens(long) - 64 + tokens(medium) - 64
+    assert data.stats["truncated"] == 2 and data.stats["truncated_tokens"] == lost
+    assert data.stats["truncated_over_half"] == 1  # the medium line kept more than half
+    assert data.notes == [
+        f"1 sample lost more than half of its tokens to sequence_len=64: {lost:,} tokens were "
+        "thrown away in all. Raise sequence_len, or for long documents (text rows, .txt "
+        "files) set the dataset's type: raw (--dataset-format raw), which cuts them into "
+        "chunks that are all trained"
+    ]
+    config = load_config(overrides={**overrides, "sequence_len": 128}).config
+    mild = prepare_data(config, tiny_tokenizer)  # only the long line is cut, by more than half
+    assert mild.stats["truncated"] == 1 and "1 sample lost" in mild.notes[0]
+    config = load_config(overrides={**overrides, "sequence_len": tokens(long)}).config
+    none = prepare_data(config, tiny_tokenizer)
+    assert none.stats["truncated_tokens"] == 0 and none.notes == []
+
+
+def test_the_truncation_note_survives_a_reused_prepared_dataset(tmp_path, tiny_tokenizer):
+    (tmp_path / "d.txt").write_text("the capital of france is paris. " * 100 + "\n")
+    overrides = {
+        "datasets": [{"path": str(tmp_path / "d.txt")}], "val_set_size": 0, "sequence_len": 32,
+        "dataset_prepared_path": str(tmp_path / "prepared"),
+    }  # fmt: skip
+    config = load_config(overrides=overrides).config
+    first, again = prepare_data(config, tiny_tokenizer), prepare_data(config, tiny_tokenizer)
+    assert "reused the prepared dataset" in again.notes[-1]
+    assert first.notes[0] == again.notes[0] and "lost more than half" in again.notes[0]
+
+
+def test_raw_rows_must_hold_text(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "fine"}\n{"text": NaN}\n{"body": "x"}\n')
+    with pytest.raises(DataError) as info:
+        load(tmp_path / "d.jsonl", source={"type": "raw"})
+    assert "2 of 3 rows cannot be read as raw" in info.value.message
+    assert (
+        "1 row: 'text' must be text, found a number (NaN); write it as a string (first at line 2)"
+        in info.value.message
+    )
+    assert "1 row: 'text' is missing (first at line 3)" in info.value.message

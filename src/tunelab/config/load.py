@@ -25,7 +25,8 @@ from tunelab.config.keys import (
 )
 from tunelab.config.locations import data_path_problem, model_problem
 from tunelab.config.schema import DatasetSource, TuneConfig
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, DataError
+from tunelab.textfile import read_text
 
 
 @dataclass
@@ -47,12 +48,19 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"{path}: no such config file"])
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = read_text(path)
+    except DataError as exc:  # not UTF-8 text: the file and line, and the fix
+        raise ConfigError([f"{exc.message}; {exc.hint}" if exc.hint else exc.message]) from None
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text) if text.strip() else {}
         else:
             data = yaml.safe_load(text) or {}
+    except RecursionError:  # both parsers recurse once per level of nesting
+        raise ConfigError(
+            [f"{path}: nested too deeply to read (too many levels of [ or {{)"]
+        ) from None
     except json.JSONDecodeError as exc:
         raise ConfigError([f"{path}:{exc.lineno}: invalid JSON: {exc.msg}"]) from None
     except yaml.YAMLError as exc:
@@ -60,6 +68,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         line = f":{mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{path}{line}: invalid YAML: {problem}"]) from None
+    except ValueError as exc:  # Python refuses integers of more than 4300 digits
+        raise ConfigError(
+            [f"{path}: a number is too long to read ({str(exc).split(';')[0]})"]
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: expected a mapping of keys to values at the top level"])
     return data

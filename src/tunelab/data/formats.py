@@ -9,6 +9,7 @@ the entries of :data:`FORMATS` in order.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,21 +75,54 @@ SHAREGPT = Mapping()
 OPENAI = Mapping(messages="messages", role="role", content="content")
 
 
-def _text(row: dict[str, Any], key: str, required: bool) -> str:
+def _kind(value: Any) -> str:
+    """What a value that should be text is, in the words of the JSON it likely came from."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, float) and math.isnan(value):
+        return "a number (NaN)"
+    if isinstance(value, float) and math.isinf(value):
+        return f"a number ({'-' if value < 0 else ''}Infinity)"
+    if isinstance(value, (int, float)):
+        return "a number"  # the value itself is left out so one problem reads as one line
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def checked_text(value: Any, key: str, place: str = "") -> str:
+    """``value`` if it is text a tokenizer can take; else a :class:`RowError` naming ``key``
+    (``place`` says where under it, e.g. 'of turn 2 ')."""
+    if not isinstance(value, str):
+        raise RowError(key, f"{place}must be text, found {_kind(value)}; write it as a string")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate, from a "\ud800" escape in JSON
+            bad = f"\\u{ord(value[exc.start]):04x}"
+            raise RowError(
+                key, f"{place}holds {bad}, half of a UTF-16 surrogate pair, which is not text"
+            ) from None
+    return value
+
+
+def text_field(row: dict[str, Any], key: str, required: bool) -> str:
+    """The text under ``key``. Absent or null is an error when ``required`` and empty text
+    otherwise; anything but text (numbers, NaN, booleans, lists) is an error."""
     value = row.get(key)
     if value is None or (value == "" and not required):
         if required:
             raise RowError(key, "is missing")
         return ""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if not isinstance(value, str):
-        raise RowError(key, f"must be text, found {type(value).__name__}")
-    return value
+    return checked_text(value, key)
 
 
 def _response(row: dict[str, Any], key: str) -> str:
-    text = _text(row, key, required=True)
+    text = text_field(row, key, required=True)
     if not text.strip():
         raise RowError(key, "is empty: there is no response to train on")
     return text
@@ -117,7 +151,11 @@ def check_turns(messages: list[Message], key: str) -> list[Message]:
 
 def _tools_text(tools: Any) -> str:
     if isinstance(tools, str):
-        return tools.strip()
+        return checked_text(tools, "tools").strip()
+    if not isinstance(tools, (list, dict)):
+        raise RowError(
+            "tools", f"must be a list of tool definitions (or its JSON text), found {_kind(tools)}"
+        )
     return json.dumps(tools, ensure_ascii=False)
 
 
@@ -148,14 +186,26 @@ def _call_text(calls: list[Any]) -> str:
     return "\n".join(out)
 
 
-def _content(item: dict[str, Any], mapping: Mapping) -> str:
+def _parts_text(parts: list[Any], key: str, place: str) -> str:
+    """OpenAI content parts joined; only text parts can be trained on in a conversation."""
+    texts = []
+    for part in parts:
+        kind = part.get("type", "text") if isinstance(part, dict) else None
+        if kind != "text":
+            found = f"a '{kind}' part" if isinstance(kind, str) else f"a part that is {_kind(part)}"
+            raise RowError(
+                key, f"{place}holds {found}; only text parts ({{type: text, text}}) can be used"
+            )
+        texts.append(checked_text(part.get("text"), key, f"{place}text part "))
+    return "".join(texts)
+
+
+def _content(item: dict[str, Any], mapping: Mapping, turn: int) -> str:
     value = item.get(mapping.content)
+    place = f"of turn {turn} "
     if isinstance(value, list):  # OpenAI content parts
-        value = "".join(p.get("text", "") for p in value if isinstance(p, dict))
-    if value is None:
-        value = ""
-    if not isinstance(value, str):
-        raise RowError(mapping.content, f"must be text, found {type(value).__name__}")
+        value = _parts_text(value, mapping.content, place)
+    value = checked_text("" if value is None else value, mapping.content, place)
     calls = item.get("tool_calls")
     if calls:
         value = (value + "\n" if value.strip() else "") + _call_text(calls)
@@ -175,10 +225,10 @@ def conversation_to_messages(row: dict[str, Any], mapping: Mapping) -> list[Mess
                                   mapping.tools, mapping.roles)  # fmt: skip
     names = {**ROLE_NAMES, **mapping.roles}
     messages: list[Message] = []
-    system = row.get(mapping.system)
-    if isinstance(system, str) and system.strip():
+    system = text_field(row, mapping.system, required=False)
+    if system.strip():
         messages.append({"role": "system", "content": system})
-    for turn in turns:
+    for number, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict):
             raise RowError(mapping.messages, "must be a list of objects")
         raw_role = turn.get(mapping.role)
@@ -187,7 +237,7 @@ def conversation_to_messages(row: dict[str, Any], mapping: Mapping) -> list[Mess
             raise RowError(
                 mapping.role, f"has an unknown role {raw_role!r}; known: {sorted(names)}"
             )
-        content = _content(turn, mapping)
+        content = _content(turn, mapping, number)
         if role == "function_call":  # an assistant turn that calls a tool
             role = "assistant"
         if role == "assistant" and not content.strip():
@@ -202,26 +252,25 @@ def alpaca_to_messages(row: dict[str, Any]) -> list[Message]:
     Optional ``system`` becomes the system message and ``history`` (a list of
     ``[instruction, response]`` pairs) becomes earlier turns.
     """
-    instruction = _text(row, "instruction", required=True)
-    extra = _text(row, "input", required=False)
+    instruction = text_field(row, "instruction", required=True)
+    extra = text_field(row, "input", required=False)
     output = _response(row, "output")
     if not instruction.strip() and not extra.strip():
         raise RowError("instruction", "is empty")
     messages: list[Message] = []
-    system = _text(row, "system", required=False)
+    system = text_field(row, "system", required=False)
     if system.strip():
         messages.append({"role": "system", "content": system})
     history = row.get("history") or []
     if not isinstance(history, list):
         raise RowError("history", "must be a list of [instruction, response] pairs")
-    for turn in history:
-        if not (
-            isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)
-        ):
+    for number, turn in enumerate(history, start=1):
+        if not (isinstance(turn, list) and len(turn) == 2):
             raise RowError("history", "must be a list of [instruction, response] pairs")
+        asked, answered = (checked_text(t, "history", f"pair {number}: ") for t in turn)
         messages += [
-            {"role": "user", "content": turn[0]},
-            {"role": "assistant", "content": turn[1]},
+            {"role": "user", "content": asked},
+            {"role": "assistant", "content": answered},
         ]
     prompt = "\n\n".join(p for p in (instruction, extra) if p.strip())
     messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
@@ -230,8 +279,8 @@ def alpaca_to_messages(row: dict[str, Any]) -> list[Message]:
 
 def qa_to_messages(row: dict[str, Any]) -> list[Message]:
     """``question`` (after ``context`` if given) -> user, ``answer`` -> assistant."""
-    question = _text(row, "question", required=True)
-    context = _text(row, "context", required=False)
+    question = text_field(row, "question", required=True)
+    context = text_field(row, "context", required=False)
     prompt = f"{context}\n\n{question}" if context.strip() else question
     return [
         {"role": "user", "content": prompt},
@@ -241,7 +290,9 @@ def qa_to_messages(row: dict[str, Any]) -> list[Message]:
 
 def completion_to_text(row: dict[str, Any]) -> TextSample:
     """``prompt`` (not trained) followed directly by ``completion`` (trained)."""
-    return TextSample(((_text(row, "prompt", True), False), (_response(row, "completion"), True)))
+    return TextSample(
+        ((text_field(row, "prompt", True), False), (_response(row, "completion"), True))
+    )
 
 
 def text_to_text(row: dict[str, Any]) -> TextSample:
@@ -255,7 +306,7 @@ def vision_row(row: dict[str, Any]) -> VisionSample:
     paths = images if isinstance(images, list) else [images]
     if not paths or not all(isinstance(p, str) and p.strip() for p in paths):
         raise RowError("image", "must be an image file path (or a list of them)")
-    prompt = _text(row, "prompt", required=False) or "Describe the image."
+    prompt = text_field(row, "prompt", required=False) or "Describe the image."
     content = [{"type": "image"} for _ in paths] + [{"type": "text", "text": prompt}]
     messages = [
         {"role": "user", "content": content},

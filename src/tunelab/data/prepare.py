@@ -27,6 +27,7 @@ from tunelab.data.formats import (
     conversation_to_messages,
     describe_formats,
     detect_format,
+    text_field,
 )
 from tunelab.data.packing import efficiency, pack
 from tunelab.data.sources import Table, expand, reduce_preferences
@@ -104,7 +105,7 @@ def _converter(source: DatasetSource, table: Table) -> tuple[str, Callable[[dict
         mapping = table.mapping
         return name, lambda row: conversation_to_messages(row, mapping)
     if name == "raw":
-        return "raw", lambda row: RawText(row.get("text") or "", source)
+        return "raw", lambda row: RawText(text_field(row, "text", required=True), source)
     return name, FORMATS[name].convert
 
 
@@ -269,6 +270,7 @@ def tokenize_examples(
     examples: list[Example], tokenizer: Any, config: TuneConfig, processor: Any = None
 ) -> tuple[list[dict[str, Any]], Counter]:
     """Token ids, attention mask and labels; samples past ``sequence_len`` cut or dropped.
+    The counts say how many, and how many tokens the cuts threw away.
 
     Image samples also keep their image paths and are dropped, never cut, when too long.
     """
@@ -290,6 +292,8 @@ def tokenize_examples(
                     counts["dropped"] += 1
                     continue
                 counts["truncated"] += 1
+                counts["truncated_tokens"] += len(ids) - limit
+                counts["truncated_over_half"] += len(ids) > 2 * limit  # lost most of itself
                 ids, labels = ids[:limit], labels[:limit]
             if all(label == IGNORE_INDEX for label in labels[1:]):
                 counts["dropped"] += 1  # nothing left to learn from after the cut
@@ -320,7 +324,11 @@ def prepare_data(
     key = cache.cache_key(config, loaded.sources, tokenizer)
     data = cache.load(root, key)
     if data is not None:
-        data.notes = [*loaded.notes, f"reused the prepared dataset in {root / key}"]
+        data.notes = [
+            *loaded.notes,
+            *truncation_notes(data.stats, config.sequence_len),
+            f"reused the prepared dataset in {root / key}",
+        ]
         return data
     data = tokenize_all(config, tokenizer, loaded, processor)
     where = cache.save(root, key, data)
@@ -363,6 +371,8 @@ def tokenize_all(
         "train_samples": n_train,
         "eval_samples": n_val,
         "truncated": counts["truncated"],
+        "truncated_tokens": counts["truncated_tokens"],
+        "truncated_over_half": counts["truncated_over_half"],
         "dropped": counts["dropped"],
         "train_tokens": train_counts["tokens"],
         "trained_tokens": train_counts["trained_tokens"],
@@ -372,4 +382,20 @@ def tokenize_all(
         "mean_length": round(sum(lengths) / len(lengths), 1),
         **packing,
     }
-    return PreparedData(train, val, loaded.sources, stats, list(loaded.notes))
+    notes = [*loaded.notes, *truncation_notes(stats, config.sequence_len)]
+    return PreparedData(train, val, loaded.sources, stats, notes)
+
+
+def truncation_notes(stats: dict[str, Any], sequence_len: int) -> list[str]:
+    """A loud note when cutting samples to ``sequence_len`` threw most of some away: a
+    "1 truncated" count hides a document of millions of tokens trained as its first few."""
+    n = stats.get("truncated_over_half", 0)
+    if not n:
+        return []
+    return [
+        f"{n} sample{'s' if n > 1 else ''} lost more than half of {'their' if n > 1 else 'its'} "
+        f"tokens to sequence_len={sequence_len}: {stats['truncated_tokens']:,} tokens were "
+        "thrown away in all. Raise sequence_len, or for long documents (text rows, .txt "
+        "files) set the dataset's type: raw (--dataset-format raw), which cuts them into "
+        "chunks that are all trained"
+    ]

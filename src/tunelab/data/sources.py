@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 from tunelab.config.locations import REGISTRY, split_paths
 from tunelab.data.formats import Mapping
 from tunelab.errors import DataError
+from tunelab.textfile import loads_json, read_text
 
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 
@@ -59,7 +61,7 @@ def _jsonl(path: Path, text: str) -> list[Row]:
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
+            item = loads_json(line, f"{path}:{number}")
         except json.JSONDecodeError as exc:
             raise DataError(
                 f"{path}:{number}: invalid JSON on line {number} ({exc.msg}, column {exc.colno})",
@@ -75,11 +77,11 @@ def _jsonl(path: Path, text: str) -> list[Row]:
 
 def read_json(path: Path) -> list[Row]:
     """Rows of a JSON array file or a JSON-lines file; bad syntax names file and line."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path)
     if path.suffix.lower() == ".jsonl":
         return _jsonl(path, text)
     try:
-        data = json.loads(text)
+        data = loads_json(text, str(path))
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data" and text.lstrip().startswith("{"):
             return _jsonl(path, text)  # JSON lines in a .json file
@@ -100,15 +102,24 @@ def read_json(path: Path) -> list[Row]:
 
 
 def read_csv(path: Path) -> list[Row]:
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames:
-            return []
+    """Rows of a CSV file with a header line; every value is text."""
+    text = read_text(path)
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a long document is one field
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        columns = reader.fieldnames or []
+        twice = sorted({c for c in columns if columns.count(c) > 1})
+        if twice:
+            raise DataError(
+                f"{path}:1: the header names {twice} twice", "give each column its own name"
+            )
         rows = []
         for record in reader:
             if None in record:
                 raise DataError(f"{path}:{reader.line_num}: more values than columns on this line")
             rows.append(Row(dict(record), f"line {reader.line_num}"))
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: cannot read this CSV line ({exc})") from None
     return rows
 
 
@@ -124,7 +135,7 @@ def read_parquet(path: Path) -> list[Row]:
 
 def read_txt(path: Path) -> Table:
     """A .txt file: one example per non-empty line (``text``), or the whole text (``raw``)."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path).replace("\r\n", "\n").replace("\r", "\n")  # as open() reads text
     rows = [
         Row({"text": line}, f"line {n}")
         for n, line in enumerate(text.splitlines(), start=1)
@@ -157,7 +168,13 @@ def read_saved_dataset(path: Path, split: str) -> Table:
     """A directory written by ``datasets.Dataset.save_to_disk`` (or a DatasetDict)."""
     import datasets
 
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:  # datasets and pyarrow raise many types; all mean "cannot read it"
+        raise DataError(
+            f"{path}: not a readable saved dataset ({type(exc).__name__}: {exc})",
+            "write it again with Dataset.save_to_disk, or give the data as files",
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{path}: no split '{split}'; it has {sorted(ds)}")
@@ -253,12 +270,30 @@ def _chosen_only(row: Row, mapping: Mapping) -> Row:
     return Row(data, row.where)
 
 
+def _check_registry(registry: Path, entries: Any) -> None:
+    """The shape the registry code relies on: names -> entries with text settings."""
+    if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+        raise DataError(
+            f"{registry}: expected an object of dataset names -> entries",
+            'each entry looks like {"file_name": "data.json", "columns": {...}}',
+        )
+    for name, entry in entries.items():
+        for key in ("file_name", "formatting"):
+            if key in entry and not isinstance(entry[key], str):
+                raise DataError(f"{registry}: '{name}': {key} must be text")
+        for key in ("columns", "tags"):
+            value = entry.get(key, {})
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                raise DataError(f"{registry}: '{name}': {key} must map names to column names")
+
+
 def read_registry(registry: Path, names: list[str], notes: list[str]) -> list[Table]:
     """Datasets named in a LLaMA-Factory ``dataset_info.json`` (all local ones if no names)."""
     try:
-        entries = json.loads(registry.read_text(encoding="utf-8"))
+        entries = loads_json(read_text(registry), str(registry))
     except json.JSONDecodeError as exc:
         raise DataError(f"{registry}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    _check_registry(registry, entries)
     unknown = [n for n in names if n not in entries]
     if unknown:
         raise DataError(f"{registry}: no dataset named {unknown}; it has {sorted(entries)}")
