@@ -190,7 +190,9 @@ def test_a_file_mixing_formats_is_an_error(tmp_path):
 
 
 def test_unreachable_hub_dataset_is_a_clear_error(tmp_path):
+    """Offline, or with a Hub nothing answers at: one quick check, the reason, no retries."""
     import os
+    import socket
     import subprocess
     import sys
 
@@ -203,16 +205,18 @@ def test_unreachable_hub_dataset_is_a_clear_error(tmp_path):
         "except DataError as exc:\n"
         "    print(exc)\n"
     )
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HOME": str(tmp_path),
-    }
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert "could not load hub dataset 'someorg/nodata' (split 'test')" in proc.stdout
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    for env, reason in (
+        ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+        ({"HF_ENDPOINT": f"http://127.0.0.1:{port}"}, f"127.0.0.1:{port} is unreachable"),
+    ):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**clean, "HF_HOME": str(tmp_path), **env}, timeout=120)  # fmt: skip
+        assert "could not load hub dataset 'someorg/nodata'" in proc.stdout, proc.stderr
+        assert reason in proc.stdout and "not in the local cache" in proc.stdout
 
 
 def test_truncation_that_throws_most_of_a_sample_away_is_a_loud_note(tmp_path, tiny_tokenizer):
