@@ -9,14 +9,18 @@ and everything after it, is the response (trained); everything before it is the 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import jinja2.meta
+from jinja2.exceptions import SecurityError
 
+from tunelab.data.chat_render import compile_chat_template, template_text
 from tunelab.data.formats import RowError, TextSample
+from tunelab.data.sandbox import BoundedEnvironment, TemplateBoundError, compile_template
 from tunelab.errors import DataError
 
 CHAT_TEMPLATES: dict[str, str] = {
@@ -55,16 +59,19 @@ CHAT_TEMPLATES: dict[str, str] = {
 
 
 def apply_chat_template(tokenizer: Any, choice: str | None) -> None:
-    """Give ``tokenizer`` the chosen template (a name or a Jinja file); check it has one."""
+    """Give ``tokenizer`` the chosen template (a name or a Jinja file); check it has one and
+    that it compiles in the sandbox, so a broken template is named before any row renders."""
     if choice is None:
         if getattr(tokenizer, "chat_template", None) is None:
             raise DataError(
                 "the model's tokenizer has no chat template",
                 f"set chat_template to one of {', '.join(CHAT_TEMPLATES)} or a Jinja file",
             )
+        compile_chat_template(template_text(tokenizer))
         return
     if choice in CHAT_TEMPLATES:
         tokenizer.chat_template = CHAT_TEMPLATES[choice]
+        compile_chat_template(tokenizer.chat_template, f"chat_template '{choice}'")
         return
     path = Path(choice).expanduser()
     if not path.is_file():
@@ -73,9 +80,23 @@ def apply_chat_template(tokenizer: Any, choice: str | None) -> None:
             f"use one of {', '.join(CHAT_TEMPLATES)}, or the path of a Jinja file",
         )
     tokenizer.chat_template = path.read_text(encoding="utf-8")
+    compile_chat_template(tokenizer.chat_template, f"chat_template {path}")
 
 
-_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+def not_text(value: Any) -> str:
+    """How a value found where text belongs is named in an error: 'float NaN', 'int 3', 'null'."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"bool {str(value).lower()}"
+    if isinstance(value, float) and math.isnan(value):
+        return "float NaN"
+    if isinstance(value, (int, float)):
+        return f"{type(value).__name__} {value!r}"
+    return {list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+_ENV = BoundedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 _LAST_EXPR = re.compile(r"\{\{.*?\}\}", re.S)
 
 
@@ -91,9 +112,9 @@ class DataTemplate:
         if not expressions:
             raise DataError(f"{where}: the template has no {{{{column}}}} to train on")
         cut = expressions[-1].start()
-        self.columns = jinja2.meta.find_undeclared_variables(ast)
-        self.prompt = _ENV.from_string(text[:cut])
-        self.response = _ENV.from_string(text[cut:])
+        self.columns = jinja2.meta.find_undeclared_variables(ast) - set(_ENV.globals)
+        self.prompt = compile_template(_ENV, text[:cut], where)
+        self.response = compile_template(_ENV, text[cut:], where)
         self.where = where
 
     def check_columns(self, columns: set[str], name: str) -> None:
@@ -105,12 +126,23 @@ class DataTemplate:
             )
 
     def __call__(self, row: dict[str, Any]) -> TextSample:
+        for key in sorted(self.columns & row.keys()):
+            if not isinstance(row[key], str):
+                raise RowError(key, f"must be text, found {not_text(row[key])}")
         try:
-            prompt, response = self.prompt.render(**row), self.response.render(**row)
+            prompt, response = self.prompt.render(row), self.response.render(row)
         except jinja2.UndefinedError as exc:
             raise RowError(
                 str(exc).split("'")[1] if "'" in str(exc) else "?", "is missing"
             ) from None
+        except SecurityError as exc:  # the same on every row: stop at the first
+            raise DataError(
+                f"{self.where}: {exc}", "a data template only lays out columns"
+            ) from None
+        except TemplateBoundError:
+            raise
+        except Exception as exc:  # the template's own logic failed on this row's values
+            raise RowError(self.where, f"cannot be rendered: {exc}") from None
         if not response.strip():
             raise RowError("response", "renders empty")
         return TextSample(((prompt, False), (response, True)))
@@ -138,6 +170,7 @@ class FormatFile:
         }
 
     def __call__(self, row: dict[str, Any]) -> TextSample:
+        self._check(row)
         present = frozenset(k for k, v in row.items() if isinstance(v, str) and v.strip())
         template = self.entries.get(present)
         if template is None:
@@ -146,5 +179,19 @@ class FormatFile:
                 ",".join(sorted(present)), f"has no entry in {self.path} (it has: {known})"
             )
         last = max(template.rfind(f"%{c}%") for c in present)
-        render = lambda text: re.sub(r"%(\w+)%", lambda m: str(row.get(m[1], m[0])), text)  # noqa: E731
+        render = lambda text: re.sub(r"%(\w+)%", lambda m: _text(row, m[1], m[0]), text)  # noqa: E731
         return TextSample(((render(template[:last]), False), (render(template[last:]), True)))
+
+    def _check(self, row: dict[str, Any]) -> None:
+        """A column the file names holds text or nothing (null: the column is left out)."""
+        for key in sorted(frozenset().union(*self.entries) & row.keys()):
+            if row[key] is not None and not isinstance(row[key], str):
+                raise RowError(key, f"must be text, found {not_text(row[key])}")
+
+
+def _text(row: dict[str, Any], key: str, placeholder: str) -> str:
+    if key not in row:
+        return placeholder  # not a column: the text keeps it, as text-generation-webui does
+    if not isinstance(row[key], str):
+        raise RowError(key, f"must be text, found {not_text(row[key])}")
+    return row[key]

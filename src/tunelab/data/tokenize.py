@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tunelab.data.chat_render import render_chat
 from tunelab.data.formats import Message, Sample, TextSample
+from tunelab.errors import DataError
 
 IGNORE_INDEX = -100
 
@@ -27,9 +29,14 @@ class Segment:
     trained: bool
 
 
-def _render(tokenizer: Any, messages: list[Message], generation_prompt: bool) -> str:
-    try:
-        return tokenizer.apply_chat_template(
+def _render(tokenizer: Any, renderer: Any, messages: list[Message], generation_prompt: bool) -> str:
+    if renderer is tokenizer:  # the bounded sandbox; it names the template in its errors
+        try:
+            return render_chat(tokenizer, messages, add_generation_prompt=generation_prompt)
+        except DataError as exc:
+            raise TemplateError(str(exc)) from None
+    try:  # a multimodal processor renders its own conversations (images in its content)
+        return renderer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=generation_prompt
         )
     except Exception as exc:  # jinja raises TemplateError, and templates raise their own
@@ -58,8 +65,8 @@ def render_segments(
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(renderer, messages[:k], generation_prompt=True)
-        through = _render(renderer, messages[: k + 1], generation_prompt=False)
+        prompt = _render(tokenizer, renderer, messages[:k], generation_prompt=True)
+        through = _render(tokenizer, renderer, messages[: k + 1], generation_prompt=False)
         if not prompt.startswith(done) or not through.startswith(prompt):
             raise TemplateError(
                 f"rendering turn {k + 1} changes the text before it, so the response "
@@ -71,7 +78,7 @@ def render_segments(
         segments.append(Segment(prompt[len(done) :], train_on_inputs))
         segments.append(Segment(response, True))
         done = through
-    whole = _render(renderer, messages, generation_prompt=False)
+    whole = _render(tokenizer, renderer, messages, generation_prompt=False)
     if not whole.startswith(done):
         raise TemplateError("the rendered conversation does not continue its turns")
     segments.append(Segment(whole[len(done) :], train_on_inputs))

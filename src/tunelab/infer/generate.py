@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tunelab.data.chat_render import render_chat
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -38,9 +40,9 @@ def encode(tokenizer: Any, messages: list[dict[str, str]]) -> Any:
     template, ready for the assistant's turn, or for a model without a chat template the
     messages' text, which it continues."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
+        # the template's text already holds its special tokens (BOS included, where it has one)
+        text = render_chat(tokenizer, messages, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False, return_tensors="pt")
     return tokenizer("\n\n".join(m["content"] for m in messages), return_tensors="pt")
 
 
