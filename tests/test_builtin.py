@@ -93,6 +93,7 @@ def test_trains_the_builtin_model_a_few_steps(builtin_location, tmp_path):
         "learning_rate": 1e-3,
         "val_set_size": 0,
         "logging_steps": 1,
+        "micro_batch_size": 6,  # every step sees all six rows: losses compare on the same batch
     }
     result = train(load_config(overrides=overrides), sample_prompts=["What is the secret word?"])
     assert result.steps == 4

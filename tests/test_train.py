@@ -45,7 +45,8 @@ def test_lora_changes_and_base_does_not(trained, tiny_model_dir):
             for k in trained_state
             if k.endswith(name.replace(".weight", ".base_layer.weight")) or k.endswith(name)
         )
-        assert torch.equal(trained_state[key], value), name
+        kept = trained_state[key]  # on a GPU: in bfloat16 there, exactly the cast of the base
+        assert torch.equal(kept.cpu(), value.to(kept.dtype)), name
 
 
 def test_run_directory_layout(trained):
@@ -67,6 +68,9 @@ def test_run_directory_layout(trained):
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
+@pytest.mark.cpu_only(
+    reason="the reloaded adapter on the float32 base against the trained model, to 1e-5"
+)
 def test_saved_adapter_reloads_and_changes_output(trained, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
