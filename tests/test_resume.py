@@ -199,8 +199,8 @@ def test_resume_from_the_last_checkpoint_trains_no_extra_step(adapter, tiny_mode
 def test_a_second_writer_is_refused_with_the_holders_pid(tiny_model_dir, tmp_path):
     data = write_json(tmp_path / "d.json", ROWS)
     out = tmp_path / "run"
-    first = subprocess.Popen(
-        cli(*args_for(tiny_model_dir, data, out), "--set", "max_steps=100000"),
+    first = subprocess.Popen(  # trains until stopped: no step limit and no automatic stop
+        cli(*args_for(tiny_model_dir, data, out), "--set", "max_steps=100000", "--force-epochs"),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

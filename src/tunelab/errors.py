@@ -54,7 +54,8 @@ class RunDirError(TunelabError):
 
 
 class TrainingFailed(TunelabError):
-    """A run that a stopping rule ended as failed (NaN, loss watchdog)."""
+    """A run that a stopping rule ended as failed (NaN, a diverged or dead model, the loss
+    watchdog)."""
 
     exit_code = 1
 

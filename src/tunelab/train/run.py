@@ -362,6 +362,18 @@ def train(
                       resume_from)  # fmt: skip
 
 
+def _way_out(reason: str) -> str:
+    """What to change after a stopping rule failed the run."""
+    if reason.startswith("frozen"):
+        return (
+            "the loss stopped changing: a learning_rate far too high kills a model (see the "
+            "loss curve), one far too small never moves it"
+        )
+    if reason.startswith("watchdog"):
+        return "try a lower learning_rate, or check that the data suits the model"
+    return "try a lower learning_rate"
+
+
 def _failure_status(exc: BaseException) -> dict[str, Any]:
     """The state, message and way out a failed or interrupted run records (never a secret)."""
     interrupted = isinstance(exc, (KeyboardInterrupt, RunInterrupted))
@@ -404,10 +416,11 @@ def _train(
             )
         if rules.failed:
             kept = run.layout.root == run.final
+            status["stop_reason"] = rules.reason
             raise TrainingFailed(
                 f"training failed: {rules.reason}",
                 (f"the last good checkpoint (if any) is in {layout.checkpoints}; " if kept else "")
-                + "try a lower learning_rate",
+                + _way_out(rules.reason),
             )
         if rules.reason:
             log(f"stopped early, {rules.reason}; keeping the best weights")
