@@ -138,7 +138,7 @@ def test_a_value_that_is_not_text_names_the_row_and_key(tmp_path, value):
     assert "cannot be read as data_template" in message and "'a' must be text, found" in message
     assert "line 2" in message or "row 2" in message
     if value != value:  # NaN
-        assert "found float NaN" in message
+        assert "found a number (NaN)" in message
 
 
 def test_a_format_file_value_that_is_not_text_is_a_row_error(tmp_path):
@@ -148,7 +148,7 @@ def test_a_format_file_value_that_is_not_text_is_a_row_error(tmp_path):
     source = {"path": str(tmp_path / "d.json"), "format_file": str(fmt)}
     with pytest.raises(DataError) as info:
         load_examples(load_config(overrides={"datasets": [source]}).config)
-    assert "'output' must be text, found float NaN (first at row 1)" in info.value.message
+    assert "'output' must be text, found a number (NaN); write it as a string" in info.value.message
 
 
 COMPLEX = """\

@@ -9,7 +9,6 @@ and everything after it, is the response (trained); everything before it is the 
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,10 @@ import jinja2.meta
 from jinja2.exceptions import SecurityError
 
 from tunelab.data.chat_render import compile_chat_template, template_text
-from tunelab.data.formats import RowError, TextSample
+from tunelab.data.formats import RowError, TextSample, checked_text
 from tunelab.data.sandbox import BoundedEnvironment, TemplateBoundError, compile_template
 from tunelab.errors import DataError
+from tunelab.textfile import loads_json, read_text
 
 CHAT_TEMPLATES: dict[str, str] = {
     "chatml": (
@@ -79,21 +79,8 @@ def apply_chat_template(tokenizer: Any, choice: str | None) -> None:
             f"chat_template '{choice}': neither a known name nor a file",
             f"use one of {', '.join(CHAT_TEMPLATES)}, or the path of a Jinja file",
         )
-    tokenizer.chat_template = path.read_text(encoding="utf-8")
+    tokenizer.chat_template = read_text(path)
     compile_chat_template(tokenizer.chat_template, f"chat_template {path}")
-
-
-def not_text(value: Any) -> str:
-    """How a value found where text belongs is named in an error: 'float NaN', 'int 3', 'null'."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"bool {str(value).lower()}"
-    if isinstance(value, float) and math.isnan(value):
-        return "float NaN"
-    if isinstance(value, (int, float)):
-        return f"{type(value).__name__} {value!r}"
-    return {list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
 _ENV = BoundedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
@@ -127,8 +114,7 @@ class DataTemplate:
 
     def __call__(self, row: dict[str, Any]) -> TextSample:
         for key in sorted(self.columns & row.keys()):
-            if not isinstance(row[key], str):
-                raise RowError(key, f"must be text, found {not_text(row[key])}")
+            checked_text(row[key], key)
         try:
             prompt, response = self.prompt.render(row), self.response.render(row)
         except jinja2.UndefinedError as exc:
@@ -156,10 +142,10 @@ class FormatFile:
 
     def __init__(self, path: str):
         file = Path(path).expanduser()
+        if not file.is_file():
+            raise DataError(f"format_file {path}: no such file")
         try:
-            entries = json.loads(file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError(f"format_file {path}: no such file") from None
+            entries = loads_json(read_text(file), str(file))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
         if not isinstance(entries, dict) or not all(isinstance(v, str) for v in entries.values()):
@@ -185,13 +171,11 @@ class FormatFile:
     def _check(self, row: dict[str, Any]) -> None:
         """A column the file names holds text or nothing (null: the column is left out)."""
         for key in sorted(frozenset().union(*self.entries) & row.keys()):
-            if row[key] is not None and not isinstance(row[key], str):
-                raise RowError(key, f"must be text, found {not_text(row[key])}")
+            if row[key] is not None:
+                checked_text(row[key], key)
 
 
 def _text(row: dict[str, Any], key: str, placeholder: str) -> str:
     if key not in row:
         return placeholder  # not a column: the text keeps it, as text-generation-webui does
-    if not isinstance(row[key], str):
-        raise RowError(key, f"must be text, found {not_text(row[key])}")
-    return row[key]
+    return checked_text(row[key], key)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.textfile import read_text
 
 
 def _log(line: str) -> None:
@@ -74,7 +75,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.file)
         if not path.is_file():
             raise TunelabError(f"--file {path}: no such file")
-        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts += [line for line in read_text(path).splitlines() if line.strip()]
     if not prompts and not sys.stdin.isatty():
         prompts = [line for line in sys.stdin.read().splitlines() if line.strip()]
     if not prompts:
