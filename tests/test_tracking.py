@@ -130,3 +130,16 @@ def test_validate_and_dry_run_never_show_a_password(tiny_model_dir, alpaca_file,
         code, err = cli(args, capsys)
         assert code == 0, err
         assert "pa55word" not in cli.out + err and "carol:***@" in cli.out
+
+
+def test_a_saved_config_with_a_masked_password_asks_for_it_again(tmp_path, alpaca_file):
+    saved = tmp_path / "config.yaml"
+    saved.write_text(
+        f"datasets:\n  - path: {alpaca_file}\nmlflow_tracking_uri: https://alice:***@mlflow.example\n"
+    )
+    with pytest.raises(
+        ConfigError, match="mlflow_tracking_uri: the password in this URL was masked"
+    ):
+        load_config(saved)
+    again = load_config(saved, sets=["mlflow_tracking_uri=https://alice:pw@mlflow.example"])
+    assert again.config.mlflow_tracking_uri == "https://alice:pw@mlflow.example"

@@ -26,6 +26,7 @@ from tunelab.config.keys import (
 from tunelab.config.locations import data_path_problem, model_problem
 from tunelab.config.schema import DatasetSource, TuneConfig
 from tunelab.errors import ConfigError, DataError
+from tunelab.redact import MASK
 from tunelab.textfile import read_text
 
 
@@ -242,6 +243,17 @@ def _location_problems(data: dict[str, Any], source_dir: Path | None) -> list[st
     return problems
 
 
+def _masked_passwords(data: dict[str, Any]) -> list[str]:
+    """URLs whose password a saved config masked: used as they are, they would log in with
+    '***'. (A run's config.yaml never holds a password; see tunelab.redact.)"""
+    return [
+        f"{key}: the password in this URL was masked ({MASK}) when the config was saved; "
+        f"give the whole URL again (--set {key}=...), or put the credentials in the environment"
+        for key, value in data.items()
+        if isinstance(value, str) and f":{MASK}@" in value
+    ]
+
+
 def _cross_checks(config: TuneConfig) -> tuple[list[str], list[str]]:
     """Rules between fields: (problems, notes)."""
     problems: list[str] = []
@@ -309,6 +321,7 @@ def load_config(
     data = _split_unsupported(data, notes)
     source = str(path) if path else None
     problems += _location_problems(data, Path(path).parent if path else None)
+    problems += _masked_passwords(data)
     try:
         config = TuneConfig.model_validate(data)
     except ValidationError as exc:
