@@ -359,3 +359,22 @@ def test_review_edge_cases(tiny_model_dir, alpaca_file, tmp_path):
     }
     with pytest.raises(ConfigError, match="choose one"):
         train(load_config(overrides=overrides), overwrite=True, resume=True, quiet=True)
+
+
+def test_a_continued_adapter_is_planned_with_its_trainable_weights(
+    tiny_model_dir, tmp_path, capsys
+):
+    from tunelab.cli import main
+
+    from .conftest import MEMORISE, write_json
+
+    data = write_json(tmp_path / "a.json", MEMORISE)
+    first = train(load_config(overrides={"base_model": str(tiny_model_dir), "val_set_size": 0,
+                                         "datasets": [{"path": str(data)}], "max_steps": 1,
+                                         "output_dir": str(tmp_path / "a")}), quiet=True)  # fmt: skip
+    trained = json.loads((first.run_dir / "adapter_info.json").read_text())["parameters"]
+    args = ["train", "--data", str(data), "--base-model", str(tiny_model_dir), "--continue-from",
+            str(first.run_dir), "--dry-run", "--json"]  # fmt: skip
+    assert main(args) == 0
+    planned = json.loads(capsys.readouterr().out)["parameters"]
+    assert planned == trained and planned["trainable"] > 0

@@ -66,9 +66,17 @@ CONFIGS = [
     ("c.yml", "base_model: café\n".encode("latin-1"), ":1: line 1 is not UTF-8 text (byte 0xe9 in"),
     ("c.json", '{"base_model": "x"}'.encode("utf-16"), ": the file is UTF-16 text (it starts"),
     ("c.yml", ("a: " + "[" * 100_000 + "]" * 100_000).encode(), ": nested too deeply to read"),
-    ("c.json", ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}").encode(), ": nested too deeply"),
+    (
+        "c.json",
+        ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}").encode(),
+        ": the JSON is nested too deeply",
+    ),
     ("c.yml", ("seed: " + "1" * 5000).encode(), ": a number is too long to read"),
-    ("c.json", ('{"seed": ' + "1" * 5000 + "}").encode(), ": a number is too long to read"),
+    (
+        "c.json",
+        ('{"seed": ' + "1" * 5000 + "}").encode(),
+        ": a number in the JSON is too long to read",
+    ),
 ]
 
 

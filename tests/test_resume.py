@@ -219,3 +219,30 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tiny_model_dir, tmp_pat
         first.wait(timeout=120)
     assert json.loads((out / "status.json").read_text())["state"] == "interrupted"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the lock is gone
+
+
+def test_resuming_from_an_earlier_checkpoint_forgets_what_came_after(tiny_model_dir, tmp_path):
+    from tunelab.train.resume import forget_after
+    from tunelab.train.rundir import RunLayout
+
+    data = write_json(tmp_path / "d.json", ROWS)
+    train(load_config(overrides=settings(tiny_model_dir, data, tmp_path / "run")), quiet=True)
+    layout = RunLayout(tmp_path / "run")
+    marks = {
+        p.name: json.loads((p / MARKER).read_text())
+        for p in complete_checkpoints(layout.checkpoints)
+    }
+    assert sorted(marks) == ["checkpoint-12", "checkpoint-16", "checkpoint-4", "checkpoint-8"]
+    removed = forget_after(layout, 8)
+    best_later = min(marks.values(), key=lambda m: m["eval_loss"])["step"] > 8
+    assert sorted(removed) == sorted(
+        ["checkpoint-12", "checkpoint-16", "last"] + ["best"] * best_later
+    )
+    assert [p.name for p in complete_checkpoints(layout.checkpoints)] == [
+        "checkpoint-4",
+        "checkpoint-8",
+    ]
+    best = json.loads((layout.checkpoints / "best" / "checkpoint.json").read_text())
+    earlier = [marks["checkpoint-4"], marks["checkpoint-8"]]
+    assert best == min(earlier, key=lambda m: m["eval_loss"])  # the best of what is left
+    assert not (layout.checkpoints / "last").exists()  # the resumed run writes it again

@@ -143,3 +143,42 @@ def test_a_saved_config_with_a_masked_password_asks_for_it_again(tmp_path, alpac
         load_config(saved)
     again = load_config(saved, sets=["mlflow_tracking_uri=https://alice:pw@mlflow.example"])
     assert again.config.mlflow_tracking_uri == "https://alice:pw@mlflow.example"
+
+
+def test_credentials_are_masked_in_every_shape_and_every_stream(capsys):
+    import logging
+    import sys
+
+    from tunelab.redact import is_masked, redact, redacted_output
+
+    cases = {
+        "https://user:p@ss@host:5000/x": "https://user:***@host:5000/x",
+        "https://ghp_token@github.com/org": "https://***@github.com/org",
+        "see http://a:b@c and s3://k:v@bucket/key": "see http://a:***@c and s3://k:***@bucket/key",
+        "https://host/path?mail=a@b.c": "https://host/path?mail=a@b.c",
+    }
+    for given, shown in cases.items():
+        assert redact(given) == shown
+        assert is_masked(shown) == (shown != given) and not is_masked(given)
+    logger = logging.getLogger("tunelab-test-library")
+    handler = logging.StreamHandler(sys.stderr)  # made before, as a library makes its own
+    logger.addHandler(handler)
+    try:
+        with redacted_output():
+            print("View run at https://alice:s3cret@mlflow.example/#/1")
+            logger.warning("connecting to https://alice:s3cret@mlflow.example")
+    finally:
+        logger.removeHandler(handler)
+    out, err = capsys.readouterr()
+    assert "s3cret" not in out + err and "https://alice:***@mlflow.example" in out + err
+    assert handler.stream is sys.stderr  # put back as it was
+
+
+def test_a_url_with_a_bad_port_is_a_clear_problem(tiny_model_dir, alpaca_file, capsys):
+    from .conftest import cli
+
+    args = ["validate", "--data", str(alpaca_file), "--base-model", str(tiny_model_dir),
+            "--set", "mlflow_tracking_uri=http://u:pw@127.0.0.1:abc"]  # fmt: skip
+    code, err = cli(args, capsys)
+    assert code == 0 and "http://u:***@127.0.0.1:abc has no valid port number" in err
+    assert "pw@" not in err

@@ -199,7 +199,7 @@ def test_base_model_that_is_not_a_model(alpaca_file, tmp_path, capsys):
 def test_validate_prints_resolved_config(tiny_model_dir, alpaca_file, capsys):
     args = ["validate", "--data", str(alpaca_file), "--base-model", str(tiny_model_dir)]
     code, err = cli([*args, "--epochs", "2"], capsys)
-    assert code == 0 and "(4 local rows checked)" in err
+    assert code == 0 and "(4 rows checked)" in err
     resolved = yaml.safe_load(cli.out)
     assert resolved["num_epochs"] == 2 and resolved["base_model"] == str(tiny_model_dir)
     assert resolved["lora_r"] == 8 and resolved["datasets"][0]["type"] == "auto"
@@ -333,3 +333,38 @@ def test_tensorboard_serves_past_runs(trained):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_an_output_that_cannot_be_locked_is_a_clear_error(
+    tiny_model_dir, alpaca_file, tmp_path, capsys
+):
+    (tmp_path / "a-file").write_text("not a folder")
+    args = ["train", "--data", str(alpaca_file), "--base-model", str(tiny_model_dir),
+            "--output", str(tmp_path / "a-file" / "run"), "--no-tensorboard"]  # fmt: skip
+    code, err = cli(args, capsys)
+    assert code == 2 and "cannot lock it for this run" in err and "choose an --output" in err
+
+
+def test_a_replacement_cut_short_between_its_renames_is_recovered(
+    tiny_model_dir, alpaca_file, tmp_path
+):
+    """A kill between the two renames of --overwrite's swap: the finished replacement goes
+    into place (or, without one, the earlier run goes back); neither is ever deleted."""
+    import shutil
+
+    first = run(tiny_model_dir, alpaca_file, tmp_path / "first", max_steps=1)
+    second = run(tiny_model_dir, alpaca_file, tmp_path / "second", max_steps=2)
+    out = tmp_path / "out"
+    for present, expected in ((("old", "new"), second), (("old",), first)):
+        for name, source in (("old", first), ("new", second)):
+            if name in present:
+                target = tmp_path / f".tunelab-tmp-out.{name}-x1"
+                target.mkdir()
+                shutil.copytree(source.run_dir, target / "run" if name == "old" else target,
+                                dirs_exist_ok=True)  # fmt: skip
+        with pytest.raises(RunDirError, match="already holds a finished adapter"):
+            run(tiny_model_dir, alpaca_file, out, max_steps=1)
+        weights = (out / "adapter_model.safetensors").read_bytes()
+        assert weights == (expected.run_dir / "adapter_model.safetensors").read_bytes()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+        shutil.rmtree(out)

@@ -16,7 +16,7 @@ from tunelab import __version__
 from tunelab.config import BUILTIN_MODEL, TuneConfig, load_config, resolved_dict
 from tunelab.errors import TunelabError
 from tunelab.infer import commands as after
-from tunelab.redact import redact, redact_data
+from tunelab.redact import redact, redact_data, redacted_output
 
 EXAMPLES = Path(__file__).parent / "examples"
 DEMO_PROMPT = "What is your name?"
@@ -133,7 +133,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             _stderr(f"warning: {exc.message} (train with --overwrite, or another --output)")
     st = rp.data.stats
     _stderr(
-        f"ok: the configuration is valid ({st['examples']} local rows checked); training would "
+        f"ok: the configuration is valid ({st['examples']} rows checked); training would "
         f"start with {st['train_samples']} samples ({st['train_tokens']} tokens), {rp.steps} steps"
     )
     return 0
@@ -146,7 +146,7 @@ def _prepared(args: argparse.Namespace):
     loaded = _load(args)
     for note in loaded.notes:
         _stderr(f"note: {note}")
-    rp = plan_run(loaded, _plan_log, strict=False)
+    rp = plan_run(loaded, _plan_log, strict=False, machine=False)
     return rp.config, rp.tokenizer, rp.data
 
 
@@ -190,7 +190,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         from tunelab.train import dryrun
 
-        report = dryrun.dry_run(_load(args))
+        report = dryrun.dry_run(_load(args), _stderr)
         print(json.dumps(report, indent=1, default=str) if args.json else dryrun.describe(report))
         return 0
 
@@ -390,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     handler = COMMANDS[args.command][0]
     try:
-        return handler(args)
+        with redacted_output():  # whatever any library prints, a password in a URL is masked
+            return handler(args)
     except TunelabError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code

@@ -91,34 +91,50 @@ def _holder(path: Path) -> str:
     return f"process {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
 
 
-@contextmanager
-def exclusive(target: Path, what: str = "run directory") -> Iterator[None]:
-    """Hold ``target`` for this process alone (an OS lock, released when the process ends,
-    however it ends). A second holder is refused at once, naming the first one's pid."""
-    path = lock_path(target.resolve())
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _acquire(path: Path, target: Path) -> int:
+    """An open, locked descriptor of the lock file ``path``; refused at once if held."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            holder = _holder(path)
             raise RunDirError(
-                f"{target}: this {what} is being written by {holder}; nothing was changed",
+                f"{target}: this run directory is being written by {_holder(path)}; nothing "
+                "was changed",
                 "wait for that run to end (or stop it), or choose another --output",
             ) from None
-        try:  # the previous holder may have removed the file between our open and lock
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
+        if _same_file(path, fd):
+            return fd
+        os.close(fd)  # the previous holder removed it between our open and lock: again
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+@contextmanager
+def exclusive(target: Path) -> Iterator[None]:
+    """Hold directory ``target`` for this process alone: an OS lock on a file beside it,
+    released when the process ends, however it ends. A second holder is refused at once,
+    naming the first one's pid."""
+    path = lock_path(target.resolve())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(path, target)
+    except OSError as exc:  # a read-only parent, or a file system without locks
+        raise RunDirError(
+            f"{target}: cannot lock it for this run ({exc.strerror or exc}: {path})",
+            "choose an --output in a folder you can write to",
+        ) from None
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         yield
     finally:
-        path.unlink(missing_ok=True)  # while still held: a waiting opener re-checks the inode
+        if _same_file(path, fd):  # while still held: a waiting opener re-checks the inode
+            path.unlink(missing_ok=True)
         os.close(fd)

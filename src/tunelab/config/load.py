@@ -26,8 +26,8 @@ from tunelab.config.keys import (
 from tunelab.config.locations import data_path_problem, model_problem
 from tunelab.config.schema import DatasetSource, TuneConfig
 from tunelab.errors import ConfigError, DataError
-from tunelab.redact import MASK
-from tunelab.textfile import read_text
+from tunelab.redact import MASK, is_masked
+from tunelab.textfile import loads_json, read_text
 
 
 @dataclass
@@ -51,14 +51,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: no such config file"])
     try:
         text = read_text(path)
-    except DataError as exc:  # not UTF-8 text: the file and line, and the fix
-        raise ConfigError([f"{exc.message}; {exc.hint}" if exc.hint else exc.message]) from None
-    try:
         if path.suffix.lower() == ".json":
-            data = json.loads(text) if text.strip() else {}
+            data = loads_json(text, str(path)) if text.strip() else {}
         else:
             data = yaml.safe_load(text) or {}
-    except RecursionError:  # both parsers recurse once per level of nesting
+    except DataError as exc:  # not UTF-8 text, or JSON too deep: the file, and the fix
+        raise ConfigError([f"{exc.message}; {exc.hint}" if exc.hint else exc.message]) from None
+    except RecursionError:  # YAML's parser recurses once per level of nesting
         raise ConfigError(
             [f"{path}: nested too deeply to read (too many levels of [ or {{)"]
         ) from None
@@ -250,7 +249,7 @@ def _masked_passwords(data: dict[str, Any]) -> list[str]:
         f"{key}: the password in this URL was masked ({MASK}) when the config was saved; "
         f"give the whole URL again (--set {key}=...), or put the credentials in the environment"
         for key, value in data.items()
-        if isinstance(value, str) and f":{MASK}@" in value
+        if isinstance(value, str) and is_masked(value)
     ]
 
 

@@ -263,7 +263,7 @@ def _vision_tokens(ex: Example, processor: Any, config: TuneConfig) -> tuple[lis
     try:
         return tokenize_vision(ex.sample, processor, config.train_on_inputs)
     except (TemplateError, ValueError, OSError) as exc:
-        raise DataError(f"{ex.source}: {ex.where}: {exc}") from None
+        raise DataError(f"{ex.source}: {ex.where}: {exc}", getattr(exc, "hint", None)) from None
 
 
 def tokenize_examples(
@@ -285,7 +285,7 @@ def tokenize_examples(
                 try:
                     segments = sample_segments(sample, tokenizer, config.train_on_inputs)
                 except TemplateError as exc:
-                    raise DataError(f"{ex.source}: {ex.where}: {exc}") from None
+                    raise DataError(f"{ex.source}: {ex.where}: {exc}", exc.hint) from None
                 ids, labels = tokenize_segments(segments, tokenizer)
             if len(ids) > limit:
                 if config.excess_length_strategy == "drop" or images is not None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import itertools
 import math
 import re
 import time
@@ -85,22 +86,30 @@ def _tick(budget: _Budget | None) -> None:
 
 def _size(value: Any, limit: int) -> int:
     """About how many characters ``value`` prints as (nesting weighs, since indented JSON
-    repeats it on every line); counting stops past ``limit``."""
-    total, stack = 0, [(value, 0)]
+    repeats it on every line); counting stops past ``limit``. Containers are walked lazily,
+    so a huge one costs no memory to measure."""
+    total, stack = 0, [(iter((value,)), 0)]
     while stack and total <= limit:
-        item, depth = stack.pop()
-        if isinstance(item, str):
+        items, depth = stack[-1]
+        item = next(items, _DONE)
+        if item is _DONE:
+            stack.pop()
+        elif isinstance(item, str):
             total += len(item)
         elif isinstance(item, int):
             total += item.bit_length() * 3 // 10 + 1
         elif isinstance(item, (dict, list, tuple, set, frozenset)):
             total += 2 + (2 + depth) * len(item)
-            if total <= limit:
-                items = [*item.keys(), *item.values()] if isinstance(item, dict) else item
-                stack.extend((x, depth + 1) for x in items)
+            members = (
+                itertools.chain(item.keys(), item.values()) if isinstance(item, dict) else item
+            )
+            stack.append((iter(members), depth + 1))
         else:
             total += 24
     return total
+
+
+_DONE = object()
 
 
 def _check_step(what: str, subject: Any, args: tuple, kwargs: dict, format_like: bool) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from tunelab.config.locations import REGISTRY, split_paths
 from tunelab.data.formats import Mapping
 from tunelab.errors import DataError
+from tunelab.network import HubUnavailable, hub_or_cache
 from tunelab.textfile import loads_json, read_text
 
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
@@ -182,31 +183,17 @@ def read_saved_dataset(path: Path, split: str) -> Table:
     return Table(str(path), _dataset_rows(ds))
 
 
-def _hub_source(dataset_id: str) -> str:
-    """``dataset_id`` when the Hub answers, else its cached files; else an error in seconds
-    (the clients alone would retry for half a minute before failing)."""
-    from huggingface_hub import snapshot_download
-
-    from tunelab.network import hub_problem
-
-    problem = hub_problem()
-    if problem is None:
-        return dataset_id
-    try:
-        return snapshot_download(dataset_id, repo_type="dataset", local_files_only=True)
-    except Exception:  # not in the cache (the client raises several kinds for that)
-        raise DataError(
-            f"could not load hub dataset '{dataset_id}': {problem}, and it is not in the "
-            "local cache",
-            "connect to the network, or download it and give a local file",
-        ) from None
-
-
 def read_hub(dataset_id: str, split: str) -> Table:
     """A hub dataset split (needs network access to the hub, or a cached copy)."""
     import datasets
 
-    source = _hub_source(dataset_id)
+    try:
+        source, _ = hub_or_cache(dataset_id, "dataset")
+    except HubUnavailable as exc:
+        raise DataError(
+            f"could not load hub dataset '{dataset_id}': {exc}",
+            "connect to the network, or download it and give a local file",
+        ) from None
     try:
         ds = datasets.load_dataset(source, split=split)
     except Exception as exc:  # the hub client raises many types; all mean "could not get it"

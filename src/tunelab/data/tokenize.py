@@ -20,7 +20,12 @@ IGNORE_INDEX = -100
 
 
 class TemplateError(ValueError):
-    """The chat template renders a conversation in a way that cannot be split into turns."""
+    """The chat template renders a conversation in a way that cannot be split into turns
+    (or breaks a bound of the sandbox); ``hint`` says what to do."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
 @dataclass(frozen=True)
@@ -33,8 +38,8 @@ def _render(tokenizer: Any, renderer: Any, messages: list[Message], generation_p
     if renderer is tokenizer:  # the bounded sandbox; it names the template in its errors
         try:
             return render_chat(tokenizer, messages, add_generation_prompt=generation_prompt)
-        except DataError as exc:
-            raise TemplateError(str(exc)) from None
+        except DataError as exc:  # the row is named where this is caught
+            raise TemplateError(exc.message, exc.hint) from None
     try:  # a multimodal processor renders its own conversations (images in its content)
         return renderer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=generation_prompt

@@ -44,8 +44,9 @@ def recorded_base(info: dict[str, Any]) -> dict[str, Any]:
     if builtin_name(name):
         return base_record(ModelRef("builtin", builtin_name(name)))
     hub = "/" in name and not Path(name).exists()
-    return {"kind": "hub" if hub else "directory", "name": name, "hub_id": name if hub else None,
-            "trained_on": name or "its base model"}  # fmt: skip
+    shown = name if hub else Path(name).name  # never a path on the training machine
+    return {"kind": "hub" if hub else "directory", "name": shown, "hub_id": name if hub else None,
+            "trained_on": shown or "its base model"}  # fmt: skip
 
 
 def _caveat(base: dict[str, Any]) -> str | None:

@@ -71,13 +71,13 @@ class CheckpointCallback(TrainerCallback):
         current = self.last_eval[1] if evaluated else None
         record = {"step": state.global_step, "epoch": state.epoch, "eval_loss": current}
         write_atomic(path / MARKER, json.dumps(record))
-        _copy_adapter(path, self.folder / "last", record)
+        copy_adapter(path, self.folder / "last", record)
         if current is not None and (self.best_eval is None or current < self.best_eval):
             self.best_eval = current
-            _copy_adapter(path, self.folder / "best", record)
+            copy_adapter(path, self.folder / "best", record)
 
 
-def _copy_adapter(source: Path, target: Path, record: dict[str, Any]) -> None:
+def copy_adapter(source: Path, target: Path, record: dict[str, Any]) -> None:
     with staged_directory(target) as staging:
         for name in ADAPTER_FILES:
             if (source / name).is_file():

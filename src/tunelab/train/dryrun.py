@@ -7,7 +7,6 @@ not a measurement.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from tunelab.config import LoadedConfig, resolved_dict
@@ -16,11 +15,7 @@ from tunelab.train.estimate import estimate
 from tunelab.train.plan import plan_run, text_config
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def dry_run(loaded: LoadedConfig, log=_stderr) -> dict[str, Any]:
+def dry_run(loaded: LoadedConfig, log) -> dict[str, Any]:
     """The plan as one JSON-ready object; what the run would say as it plans goes to ``log``."""
     rp = plan_run(loaded, log, strict=False)
     config, plan, data = rp.config, rp.plan, rp.data
@@ -54,7 +49,7 @@ def dry_run(loaded: LoadedConfig, log=_stderr) -> dict[str, Any]:
         "steps_per_epoch": rp.per_epoch,
         "tokens_per_epoch": data.stats["train_tokens"],
         "estimate": guess,
-        "warnings": rp.warnings,
+        "warnings": redact_data(rp.warnings),
         "notes": loaded.notes + data.notes,
     }
 

@@ -7,6 +7,7 @@ loaded with ``gguf_file=`` cannot be saved, merged or exported.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ from tunelab.config.locations import ModelRef
 from tunelab.config.schema import BUILTIN_MODEL
 from tunelab.errors import ModelError
 from tunelab.files import staged_directory
+from tunelab.network import HubUnavailable, hub_or_cache
 from tunelab.train.builtin import builtin, gguf_path
 
 _DONE_MARK = ".tunelab-complete"
@@ -32,8 +34,15 @@ def builtin_gguf(name: str = BUILTIN_MODEL) -> Path:
 
 
 def _file_digest(path: Path) -> str:
+    """The first 16 hex digits of the file's SHA-256 (computed once per file version)."""
+    stat = path.stat()
+    return _digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()[:16]
@@ -76,25 +85,18 @@ def convert_gguf(gguf: Path, log=print) -> Path:
 
 def hub_location(repo_id: str, log=print) -> str:
     """``repo_id`` when the Hub answers; its cached copy when it does not; else an error in
-    seconds (the Hub client alone would retry for half a minute before failing)."""
-    from huggingface_hub import snapshot_download
-
-    from tunelab.network import hub_problem
-
-    problem = hub_problem()
-    if problem is None:
-        return repo_id
+    seconds."""
     try:
-        cached = snapshot_download(repo_id, local_files_only=True)
-    except Exception:  # not in the cache (the client raises several kinds for that)
+        location, note = hub_or_cache(repo_id)
+    except HubUnavailable as exc:
         raise ModelError(
-            f"could not load '{repo_id}' from the Hugging Face Hub: {problem}, and it is not "
-            "in the local cache",
+            f"could not load '{repo_id}' from the Hugging Face Hub: {exc}",
             "connect to the network (HF_TOKEN for gated models), or give a local model "
             "directory or .gguf file",
         ) from None
-    log(f"note: {problem}; using the cached copy of {repo_id}")
-    return cached
+    if note:
+        log(f"note: {note}")
+    return location
 
 
 def model_location(ref: ModelRef, log=print) -> str:
@@ -158,12 +160,8 @@ def load_processor(location: str, ref: ModelRef) -> Any:
     return processor
 
 
-def load_tokenizer_and_processor(
-    location: str, ref: ModelRef, multimodal: bool | None = None
-) -> tuple[Any, Any]:
+def load_tokenizer_and_processor(location: str, ref: ModelRef, multimodal: bool) -> tuple[Any, Any]:
     """(tokenizer, processor); the processor is None for a text-only model."""
-    if multimodal is None:
-        multimodal = is_multimodal(location, ref)
     if multimodal:
         processor = load_processor(location, ref)
         return processor.tokenizer, processor

@@ -68,10 +68,11 @@ def meta_model(model_config: Any, multimodal: bool) -> Any:
         return loader.from_config(model_config)
 
 
-def check_adapter_base(adapter_dir: Path, location: str) -> None:
-    """An adapter continues only on the base model it was trained on."""
+def check_adapter_base(adapter_dir: Path, location: str, name: str) -> None:
+    """An adapter continues only on the base model it was trained on (recorded by where it
+    was read from, or, for a hub model read from its cached copy, by its id)."""
     recorded = read_json(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
-    if not (recorded and same_model(recorded, location)):
+    if not (recorded and (same_model(recorded, location) or same_model(recorded, name))):
         raise RunDirError(
             f"{adapter_dir}: this adapter was trained on '{recorded}', not on '{location}'",
             "set base_model to the model the adapter was trained on",
@@ -122,13 +123,14 @@ def _adapter_counts(model: Any, config: TuneConfig, plan: Plan) -> tuple[int, in
         ) from None  # fmt: skip
 
 
-def _fit_batch(plan: Plan, config: TuneConfig, model_config: Any, n_params: int,
+def _fit_batch(plan: Plan, config: TuneConfig, model_config: Any, counts: tuple[int, int],
                longest: int, origins: dict[str, str]) -> Plan:  # fmt: skip
-    """On a GPU, without a given micro_batch_size: the largest batch the memory estimate fits."""
+    """On a GPU, without a given micro_batch_size: the largest batch the memory estimate
+    fits (``counts``: all parameters, and those trained)."""
     if plan.hardware.device != "cuda" or config.micro_batch_size or config.sample_packing:
         return plan
     text = text_config(model_config)
-    trainable = n_params if config.adapter == "full" else n_params // 100
+    n_params, trainable = counts
 
     def peak(batch: int) -> float:
         trial = dataclasses.replace(plan, micro_batch_size=batch)
@@ -183,18 +185,19 @@ def _refusals(config: TuneConfig, plan: Plan, model_type: str | None, data: Prep
         raise ConfigError(problems)
 
 
-def plan_run(loaded: LoadedConfig, log=print, strict: bool = True) -> RunPlan:
+def plan_run(loaded: LoadedConfig, log=print, strict: bool = True, machine: bool = True) -> RunPlan:
     """Check and decide everything about a run short of loading its weights.
 
     With ``strict`` a machine that cannot run the config (no GPU for QLoRA, a tracker that
     cannot be reached, ...) is a :class:`~tunelab.errors.PreflightError`; otherwise those
     problems are returned in ``warnings`` and the plan is made for this machine anyway.
+    ``machine=False`` leaves those checks out (for looking at the data alone).
     """
     from tunelab.errors import PreflightError
 
     config = loaded.config
     hardware = detect_hardware()
-    problems = hardware_problems(config, hardware)
+    problems = hardware_problems(config, hardware) if machine else []
     if problems and strict:
         raise PreflightError(
             "this configuration cannot run on this machine:\n  - " + "\n  - ".join(problems)
@@ -206,12 +209,11 @@ def plan_run(loaded: LoadedConfig, log=print, strict: bool = True) -> RunPlan:
     log(f"model: {ref.describe()}")
     location = model_location(ref, log)
     model_config = read_model_config(location, ref)
-    origins: dict[str, str] = {}
     context = fit_context(loaded, config, model_config)
     if context:
         config = config.model_copy(update={"sequence_len": context})
     if config.lora_model_dir:
-        check_adapter_base(Path(config.lora_model_dir).expanduser(), location)
+        check_adapter_base(Path(config.lora_model_dir).expanduser(), location, ref.location)
     multimodal = getattr(model_config, "vision_config", None) is not None
     tokenizer, processor = load_tokenizer_and_processor(location, ref, multimodal)
     data = prepare_data(config, tokenizer, loaded_data, processor)
@@ -219,16 +221,20 @@ def plan_run(loaded: LoadedConfig, log=print, strict: bool = True) -> RunPlan:
 
     try:
         model = meta_model(model_config, multimodal)
-    except (ValueError, KeyError) as exc:  # an architecture this transformers does not know
-        raise ModelError(f"{location}: cannot build this model: {exc}") from None
+    except Exception as exc:  # an architecture this transformers cannot build
+        raise ModelError(
+            f"{location}: cannot build this model: {type(exc).__name__}: {exc}",
+            "check that its config.json is a transformers model this version supports",
+        ) from None
     n_params = sum(p.numel() for p in model.parameters())
     model_type = getattr(model_config, "model_type", None)
     config, origins = choose(loaded, config, model_type, n_params)
     if context:
         origins["sequence_len"] = f"the model's context, {context}"
-    plan = _fit_batch(plan, config, model_config, n_params, data.stats["max_length"], origins)
-    _refusals(config, plan, model_type, data)
     trainable, total = _adapter_counts(model, config, plan)
+    plan = _fit_batch(plan, config, model_config, (n_params, trainable), data.stats["max_length"],
+                      origins)  # fmt: skip
+    _refusals(config, plan, model_type, data)
     effective = {"micro_batch_size": plan.micro_batch_size}
     chosen = [
         f"{k} {effective.get(k, getattr(config, k))} ({why})"

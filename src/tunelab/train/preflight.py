@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from tunelab.config.schema import BNB_OPTIMIZERS, TuneConfig
-from tunelab.errors import PreflightError
 from tunelab.train.trackers import tracker_problems
 
 
@@ -87,16 +86,6 @@ def hardware_problems(config: TuneConfig, hw: Hardware) -> list[str]:
             "HF_TOKEN (or run `hf auth login`), or remove hub_model_id"
         )
     return problems + tracker_problems(config)
-
-
-def preflight(config: TuneConfig, hw: Hardware) -> Plan:
-    """Check ``config`` against ``hw`` and choose precision, batch size and checkpointing."""
-    problems = hardware_problems(config, hw)
-    if problems:
-        raise PreflightError(
-            "this configuration cannot run on this machine:\n  - " + "\n  - ".join(problems)
-        )
-    return machine_plan(config, hw)
 
 
 def machine_plan(config: TuneConfig, hw: Hardware) -> Plan:

@@ -8,7 +8,7 @@ from typing import Any
 
 from tunelab.config import TuneConfig
 from tunelab.errors import RunDirError
-from tunelab.train.checkpoints import MARKER, checkpoint_step, complete_checkpoints
+from tunelab.train.checkpoints import MARKER, checkpoint_step, complete_checkpoints, copy_adapter
 from tunelab.train.rundir import RunLayout, read_json
 
 FIX = "train into a new --output, or pass --overwrite to start again"
@@ -106,8 +106,14 @@ def truncate_metrics(layout: RunLayout, step: int) -> None:
 
     if not layout.metrics.exists():
         return
-    lines = layout.metrics.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+    kept = []
+    for line in layout.metrics.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a killed run, half written
+            continue
+        if record["step"] <= step:
+            kept.append(line)
     write_atomic(layout.metrics, "".join(line + "\n" for line in kept))
 
 
@@ -118,22 +124,6 @@ def resumed_tokens(point: Path | None) -> int:
     return read_json(point / "trainer_state.json").get("num_input_tokens_seen", 0)
 
 
-def _load_weights(model: Any, folder: Path) -> None:
-    """A checkpoint's trained weights into ``model``: the adapter, or the whole model."""
-    from safetensors.torch import load_file, load_model
-
-    if (folder / "adapter_model.safetensors").is_file():
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
-    elif (folder / "model.safetensors.index.json").is_file():
-        from transformers.modeling_utils import load_sharded_checkpoint
-
-        load_sharded_checkpoint(model, str(folder), strict=False)
-    else:
-        load_model(model, folder / "model.safetensors", strict=False)  # tied weights are absent
-
-
 def restore_finished(trainer: Any, point: Path) -> None:
     """Take the state and weights of a checkpoint saved after the last step (the run stopped
     while finishing): the best checkpoint's weights where the run keeps the best."""
@@ -142,10 +132,50 @@ def restore_finished(trainer: Any, point: Path) -> None:
     trainer.state = TrainerState.load_from_json(str(point / "trainer_state.json"))
     best = trainer.state.best_model_checkpoint
     use_best = trainer.args.load_best_model_at_end and best and (Path(best) / MARKER).is_file()
-    _load_weights(trainer.model, Path(best) if use_best else point)
+    # the Trainer's own loader: adapters, whole and sharded models, as `train` would load them
+    trainer._load_from_checkpoint(str(best if use_best else point))
+
+
+def forget_after(layout: RunLayout, step: int) -> list[str]:
+    """Resuming from ``step`` discards what came after it: later checkpoints (which would
+    otherwise keep their completeness marker while the resumed run rewrites them), and the
+    ``last``/``best`` copies taken from them. Returns what was removed."""
+    import shutil
+
+    removed = []
+    for path in complete_checkpoints(layout.checkpoints) + _unmarked(layout.checkpoints):
+        if _number(path) > step:
+            shutil.rmtree(path)
+            removed.append(path.name)
+    for name in ("last", "best"):
+        copy = layout.checkpoints / name
+        if read_json(copy / "checkpoint.json").get("step", 0) > step:
+            shutil.rmtree(copy)
+            removed.append(name)
+    if "best" in removed:  # the best of what is left is the best again
+        marked = [(read_json(p / MARKER), p) for p in complete_checkpoints(layout.checkpoints)]
+        scored = [(r["eval_loss"], r, p) for r, p in marked if r.get("eval_loss") is not None]
+        if scored:
+            _, record, path = min(scored, key=lambda item: item[0])
+            copy_adapter(path, layout.checkpoints / "best", record)
+    return removed
+
+
+def _number(path: Path) -> int:
+    return int(path.name.removeprefix("checkpoint-"))
+
+
+def _unmarked(folder: Path) -> list[Path]:
+    """``checkpoint-N`` folders a crash left without their completeness marker."""
+    if not folder.is_dir():
+        return []
+    return [
+        p for p in folder.iterdir()
+        if p.name.startswith("checkpoint-") and p.name[11:].isdigit() and not (p / MARKER).exists()
+    ]  # fmt: skip
 
 
 __all__ = [
-    "check_resumable", "checkpoint_step", "fingerprint", "restore_finished", "resume_point",
-    "resumed_tokens", "truncate_metrics",
+    "check_resumable", "checkpoint_step", "fingerprint", "forget_after", "restore_finished",
+    "resume_point", "resumed_tokens", "truncate_metrics",
 ]  # fmt: skip

@@ -40,6 +40,7 @@ from tunelab.train.resume import (
     check_resumable,
     checkpoint_step,
     fingerprint,
+    forget_after,
     restore_finished,
     resume_point,
     resumed_tokens,
@@ -50,6 +51,7 @@ from tunelab.train.rundir import (
     RunLayout,
     check_output_dir,
     move_into,
+    recover_swap,
     write_json,
 )
 from tunelab.train.stopping import StoppingRules, thresholds
@@ -306,11 +308,19 @@ def save_artifacts(prep: Prepared, trainer: Any, layout: RunLayout, started: str
     return losses
 
 
+def _tidy(output_dir: Path, log: RunLog) -> None:
+    """Before anything else, holding the lock: finish a swap a killed ``--overwrite`` left
+    half done, and clear what killed runs left beside this output directory."""
+    recovered = recover_swap(output_dir)
+    if recovered:
+        log(f"note: {recovered}")
+    remove_leftovers(output_dir.parent, f"{output_dir.name}.new-", f"{output_dir.name}.old-")
+
+
 def _open_run(prep: Prepared, overwrite: bool, log: RunLog) -> RunDir:
     """The run directory: new, staged beside a run it replaces, or the one being resumed
     (with what an interrupted write left there cleared, and later metrics forgotten)."""
     output_dir = Path(prep.config.output_dir).resolve()
-    remove_leftovers(output_dir.parent, f"{output_dir.name}.new-", f"{output_dir.name}.old-")
     if prep.resume_point is None:
         return RunDir.create(output_dir, overwrite)
     layout = RunLayout(output_dir)
@@ -320,6 +330,8 @@ def _open_run(prep: Prepared, overwrite: bool, log: RunLog) -> RunDir:
             log(f"note: removed {folder / name}, left by an interrupted write")
     step = checkpoint_step(prep.resume_point)
     truncate_metrics(layout, step)
+    for name in forget_after(layout, step):
+        log(f"note: removed checkpoints/{name}, saved after step {step}")
     log(f"resuming from {prep.resume_point} (step {step})")
     return RunDir(layout, layout.root)
 
@@ -390,6 +402,7 @@ def _train(
     from tunelab.infer.generate import generate
 
     log = RunLog(quiet)
+    _tidy(Path(loaded.config.output_dir).resolve(), log)
     prep = prepare(loaded, overwrite, sample_prompts, log, resume, resume_from)
     run = _open_run(prep, overwrite, log)
     layout = run.layout

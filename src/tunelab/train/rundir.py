@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import RunDirError
-from tunelab.files import temporary_directory, write_atomic
+from tunelab.files import TEMP_PREFIX, temporary_directory, write_atomic
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -143,6 +143,24 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
         f"{output_dir} already holds {what}; nothing was changed",
         "pass --overwrite to replace it, or choose another --output",
     )
+
+
+def recover_swap(output_dir: Path) -> str | None:
+    """Finish a swap that a killed ``--overwrite`` left half done (the old run moved aside,
+    the new one not yet in place): the finished new run goes into place, else the old one
+    back. Says what it did, or None. Call it holding the directory's lock."""
+    if output_dir.exists():
+        return None
+    parent, name = output_dir.parent, output_dir.name
+    new = [p for p in parent.glob(f"{TEMP_PREFIX}{name}.new-*") if RunLayout(p).is_finished()]
+    old = [p / "run" for p in parent.glob(f"{TEMP_PREFIX}{name}.old-*") if (p / "run").is_dir()]
+    if new:
+        os.replace(new[0], output_dir)
+        return f"{output_dir}: put the finished replacement run in place (its swap was cut short)"
+    if old:
+        os.replace(old[0], output_dir)
+        return f"{output_dir}: put the earlier run back (a replacement was cut short)"
+    return None
 
 
 @dataclass

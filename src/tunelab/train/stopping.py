@@ -131,9 +131,12 @@ class DivergenceWatch:
         self.peak_norm: tuple[float, int] | None = None  # the largest gradient norm, its step
 
     def observe(
-        self, step: int, loss: float, norm: float | None, lr: float | None = None
-    ) -> str | None:
-        """Take one training log; the reason to fail the run, or None."""
+        self, step: int, loss: float, norm: float | None, lr: float | None = None,
+        peak_lr: float = 0.0,
+    ) -> str | None:  # fmt: skip
+        """Take one training log; the reason to fail the run, or None. ``peak_lr`` is the
+        schedule's peak (the configured rate), so that warm-up counts as a low rate."""
+        self.peak_lr = max(self.peak_lr, peak_lr)
         self.signs = self._norm_signs(norm, loss) | self._loss_signs(step, loss, lr)
         for sign in ("exploding", "vanishing", "diverged"):
             if sign in self.signs:
@@ -240,7 +243,9 @@ class StoppingRules(TrainerCallback):
             self._stop(control, f"nan: the {what} became {value} at step {state.global_step}", True)
             return
         self.train_loss = loss
-        dead = self.watch.observe(state.global_step, loss, norm, logs.get("learning_rate"))
+        dead = self.watch.observe(
+            state.global_step, loss, norm, logs.get("learning_rate"), args.learning_rate
+        )
         if dead:
             self._stop(control, dead, True)
         rules = self.rules

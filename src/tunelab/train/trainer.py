@@ -40,8 +40,10 @@ def lora_settings(model: Any, config: TuneConfig) -> Any:
     being continued (``lora_model_dir``)."""
     from peft import LoraConfig
 
-    if config.lora_model_dir:
-        return LoraConfig.from_pretrained(config.lora_model_dir)
+    if config.lora_model_dir:  # saved for inference: its weights are to train on now
+        saved = LoraConfig.from_pretrained(config.lora_model_dir)
+        saved.inference_mode = False
+        return saved
     vision = getattr(model.config, "vision_config", None) is not None
     return LoraConfig(
         # on an image-text model only the language part is adapted
