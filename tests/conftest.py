@@ -126,6 +126,17 @@ def trained(tiny_model_dir, tmp_path_factory):
     )  # fmt: skip
 
 
+@pytest.fixture
+def closed_port():
+    """A port on 127.0.0.1 that refuses connections: bound by this test (so no other process
+    can take it) but never listening."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
 def cli(args, capsys):
     """Run the ``tunelab`` command in-process; (exit code, stderr), stdout in ``cli.out``."""
     from tunelab.cli import main

@@ -189,10 +189,9 @@ def test_a_file_mixing_formats_is_an_error(tmp_path):
         load(tmp_path / "d.json")
 
 
-def test_unreachable_hub_dataset_is_a_clear_error(tmp_path):
+def test_unreachable_hub_dataset_is_a_clear_error(tmp_path, closed_port):
     """Offline, or with a Hub nothing answers at: one quick check, the reason, no retries."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -205,9 +204,7 @@ def test_unreachable_hub_dataset_is_a_clear_error(tmp_path):
         "except DataError as exc:\n"
         "    print(exc)\n"
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = closed_port
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
     for env, reason in (
         ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),

@@ -41,21 +41,13 @@ def test_secrets_in_a_config_are_refused_without_echo(tmp_path, alpaca_file):
     assert "SECRETVALUE" not in str(info.value)
 
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _settings(model_dir, data, out, **more):
     return {"base_model": str(model_dir), "datasets": [{"path": str(data)}], "val_set_size": 0,
             "max_steps": 2, "logging_steps": 1, "output_dir": str(out), **more}  # fmt: skip
 
 
 def test_trackers_that_cannot_log_stop_the_run_before_it_starts(
-    tiny_model_dir, alpaca_file, tmp_path, monkeypatch, capsys
+    tiny_model_dir, alpaca_file, tmp_path, monkeypatch, capsys, closed_port
 ):
     from .conftest import cli
 
@@ -67,10 +59,10 @@ def test_trackers_that_cannot_log_stop_the_run_before_it_starts(
     code, err = cli([*base, "--set", "wandb_project=p"], capsys)
     assert code == 2 and "needs an API key" in err and "wandb_mode: offline" in err
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
-    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port}")
     code, err = cli([*base, "--set", "wandb_project=p"], capsys)
     assert code == 2 and "Weights & Biases at http://127.0.0.1" in err and "unreachable" in err
-    uri = f"http://bob:hunter2@127.0.0.1:{_closed_port()}"
+    uri = f"http://bob:hunter2@127.0.0.1:{closed_port}"
     code, err = cli([*base, "--set", f"mlflow_tracking_uri={uri}"], capsys)
     assert code == 2 and "the MLflow server http://bob:***@127.0.0.1" in err
     assert "hunter2" not in err and not (tmp_path / "run").exists()

@@ -238,17 +238,14 @@ def test_unreachable_hub_model_is_a_clear_error(alpaca_file, tmp_path):
     assert "Traceback" not in proc.stderr and not out.exists()
 
 
-def test_a_hub_model_without_network_fails_at_once(alpaca_file, tmp_path):
+def test_a_hub_model_without_network_fails_at_once(alpaca_file, tmp_path, closed_port):
     """No network (here: a Hub endpoint nothing listens on): the error comes from one quick
     connection attempt, not from the Hub client's retries, for train and --dry-run alike."""
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = closed_port
     env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path)}
     env.pop("HF_HUB_OFFLINE", None)
     base = ["train", "--data", str(alpaca_file), "--base-model", "someorg/no-such-model"]
