@@ -77,6 +77,9 @@ def _console_handlers() -> list[logging.StreamHandler]:
 def redacted_output() -> Iterator[None]:
     """Mask credentials in whatever is printed to stdout and stderr, or logged there,
     meanwhile."""
+    if isinstance(sys.stdout, RedactedStream):  # already inside (the CLI wraps every command)
+        yield
+        return
     handlers = [(h, h.stream) for h in _console_handlers()]
     for handler, stream in handlers:
         handler.setStream(RedactedStream(stream))

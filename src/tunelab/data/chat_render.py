@@ -103,11 +103,12 @@ _COMPILED: dict[str, BoundedTemplate] = {}  # by template text; one run uses one
 def compile_chat_template(text: str, name: str = MODELS_OWN) -> BoundedTemplate:
     """The chat template, compiled (once per text); ``name`` says where it came from in errors,
     e.g. ``chat_template 'chatml'``. A syntax error is a :class:`DataError`."""
-    if text not in _COMPILED or name != MODELS_OWN:
+    cached = _COMPILED.get(text)
+    if cached is None or (name != MODELS_OWN and cached.name != name):  # a name given wins
         if len(_COMPILED) > 32:
             _COMPILED.clear()
-        _COMPILED[text] = compile_template(_ENV, text, name)
-    return _COMPILED[text]
+        _COMPILED[text] = cached = compile_template(_ENV, text, name)
+    return cached
 
 
 def template_text(tokenizer: Any) -> str:

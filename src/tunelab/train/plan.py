@@ -111,7 +111,6 @@ def _adapter_counts(model: Any, config: TuneConfig, plan: Plan) -> tuple[int, in
     if config.adapter == "full":
         return count_parameters(model)
     meta_plan = dataclasses.replace(plan, gradient_checkpointing=False)
-    names = linear_layer_names(model)
     try:
         return count_parameters(build_adapter(model, config, meta_plan, weights=False))
     except ValueError as exc:
@@ -119,7 +118,8 @@ def _adapter_counts(model: Any, config: TuneConfig, plan: Plan) -> tuple[int, in
             raise
         raise ConfigError(
             [f"lora_target_modules: {config.lora_targets} match no layer of "
-             f"'{config.base_model}'; its linear layers are: {', '.join(names)}"]
+             f"'{config.base_model}'; its linear layers are: "
+             f"{', '.join(linear_layer_names(model))}"]
         ) from None  # fmt: skip
 
 
