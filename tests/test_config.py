@@ -122,9 +122,10 @@ def test_request_envelope(tmp_path, alpaca_file):
     path = tmp_path / "request.json"
     path.write_text(json.dumps(request))
     loaded = load_config(path)
-    assert loaded.config.lora_r == 4
+    # a request takes axolotl's schema: without an adapter, every weight is trained
+    assert loaded.dialect == "axolotl" and loaded.config.adapter == "full"
     notes = "\n".join(loaded.notes)
-    assert "input.user_id" in notes and 'wandb_watch="all"' in notes
+    assert "input.user_id" in notes and "ignored: wandb_watch" in notes
     assert "credentials are ignored" in notes and "secret-token" not in notes
 
 
@@ -142,14 +143,17 @@ def test_runpod_example_request_validates(tmp_path, alpaca_file):
     assert loaded.config.optimizer == "adamw_bnb_8bit"  # axolotl's adamw_8bit
     notes = "\n".join(loaded.notes)
     assert loaded.config.hub_model_id == "runpod/llama-fr-lora"  # pushed after training
-    for key in ("flash_attention=true", "eval_sample_packing", "special_tokens"):
-        assert key in notes
+    assert "ignored: strict, eval_sample_packing" not in notes  # strict is false: the default
+    assert "eval_sample_packing" in notes
     config = loaded.config
+    assert config.attn_implementation == "flash_attention_2"  # axolotl's flash_attention: true
+    assert config.special_tokens == {"pad_token": "<|end_of_text|>"}
+    assert config.pad_to_sequence_len and config.adapter == "lora"
     assert config.sample_packing and config.evals_per_epoch == 4 and config.saves_per_epoch == 1
     assert config.loss_watchdog_threshold == 5 and config.loss_watchdog_patience == 3
     assert (config.wandb_project, config.wandb_entity) == ("test-run-1", "axo-test")
     assert "input.user_id" in notes
-    assert "load_in_4bit" in notes  # set to false: still named, never silently dropped
+    assert "load_in_4bit" not in notes  # false is its default: nothing to say
 
 
 def test_misspelt_builtin_name_suggests_it(alpaca_file):

@@ -51,7 +51,7 @@ def gpt2_dir(tiny_model_dir, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("name", ["gemma3", "qwen3", "phi_3", "jinja"])
+@pytest.mark.parametrize("name", ["chatmll", "qwen-3", "jinja"])
 def test_an_unknown_chat_template_fails_validate(name, tiny_model_dir, alpaca_file, tmp_path,
                                                  capsys):  # fmt: skip
     code, err = validate(capsys, alpaca_file, tiny_model_dir, "--chat-template", name)
@@ -61,11 +61,21 @@ def test_an_unknown_chat_template_fails_validate(name, tiny_model_dir, alpaca_fi
     assert code == 2 and f"chat_template '{name}'" in err and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("name", ["qwen3", "phi_3", "tokenizer_default"])
+def test_a_model_family_template_name_uses_the_models_own(name, tiny_model_dir, alpaca_file,
+                                                          capsys):  # fmt: skip
+    code, err = validate(capsys, alpaca_file, tiny_model_dir, "--chat-template", name)
+    assert code == 0 and "ok: the configuration is valid" in err
+
+
 def test_conversations_on_a_model_without_a_chat_template(no_template_model, alpaca_file, capsys):
     code, err = validate(capsys, alpaca_file, no_template_model)
     assert code == 2 and "has no chat template" in err and "ok:" not in err
     code, err = validate(capsys, alpaca_file, no_template_model, "--chat-template", "chatml")
     assert code == 0 and "ok: the configuration is valid" in err
+    # a model family's name means the model's own template, which this model does not have
+    code, err = validate(capsys, alpaca_file, no_template_model, "--chat-template", "qwen_25")
+    assert code == 2 and "chat_template 'qwen_25'" in err and "chat_template_jinja" in err
 
 
 def test_nothing_left_to_train_fails_validate(tiny_model_dir, tmp_path, capsys):

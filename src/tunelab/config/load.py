@@ -15,12 +15,15 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from tunelab.config.dialects import drop_empty, recognise, translate
 from tunelab.config.keys import (
     ALIASES,
     ENVELOPE_KEYS,
+    IGNORED,
+    IGNORED_DATASET_KEYS,
     SECRETS,
-    UNSUPPORTED,
-    UNSUPPORTED_DATASET_KEYS,
+    axolotl_keys,
+    axolotl_top_keys,
     is_empty,
 )
 from tunelab.config.locations import data_path_problem, model_problem
@@ -38,6 +41,7 @@ class LoadedConfig:
     notes: list[str] = field(default_factory=list)
     source: str | None = None
     origins: dict[str, str] = field(default_factory=dict)  # top-level key -> file, flag, --set
+    dialect: str = "tunelab"  # whose keys the file was written in: tunelab, axolotl, llamafactory
 
     def given(self, key: str) -> bool:
         """Whether the user wrote ``key`` (in the file, a flag or --set)."""
@@ -150,32 +154,54 @@ def _rename_aliases(data: dict[str, Any], problems: list[str]) -> dict[str, Any]
     return out
 
 
-def _split_unsupported(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
-    """Remove recognised-but-unsupported keys, naming each one in ``notes``."""
-    kept, set_keys, empty_keys = {}, [], []
+def _refused(key: str, value: Any) -> str:
+    return (
+        f"{key}: axolotl's '{key}' (set to {json.dumps(value, default=str)}) is not supported "
+        "yet, and training without it would train something else; remove it to train without it"
+    )
+
+
+def _split_unknown(data: dict[str, Any], notes: list[str], problems: list[str]) -> dict[str, Any]:
+    """Take out the keys of axolotl's schema that tunelab does not implement: those that do
+    not change what is trained are named in notes, the others are refused when set. Keys
+    nobody knows stay in, for the schema to name (with a 'did you mean')."""
+    ours = set(TuneConfig.model_fields)
+    known = axolotl_top_keys()
+    kept: dict[str, Any] = {}
+    ignored: dict[str, list[str]] = {}
     for key, value in data.items():
-        if key in UNSUPPORTED:
-            (empty_keys if is_empty(value) else set_keys).append(f"{key}={json.dumps(value)}")
-        else:
+        if key in ours or key not in known:
             kept[key] = value
-    datasets = kept.get("datasets")
-    if isinstance(datasets, list):
+        elif key in IGNORED:
+            if not is_empty(value):
+                ignored.setdefault(IGNORED[key], []).append(key)
+        elif not is_empty(value):
+            problems.append(_refused(key, value))
+    known_entry = axolotl_keys()["dataset"]
+    entry_fields = set(DatasetSource.model_fields)
+    for name in ("datasets", "pretraining_dataset"):
+        entries = kept.get(name)
+        if not isinstance(entries, list):
+            continue
         cleaned = []
-        for i, entry in enumerate(datasets):
+        for i, entry in enumerate(entries):
             if isinstance(entry, dict):
-                for key in sorted(set(entry) & UNSUPPORTED_DATASET_KEYS):
+                for key in sorted(set(entry) - entry_fields):
                     value = entry[key]
-                    target = empty_keys if is_empty(value) else set_keys
-                    target.append(f"datasets.{i}.{key}={json.dumps(value)}")
-                entry = {k: v for k, v in entry.items() if k not in UNSUPPORTED_DATASET_KEYS}
+                    if key in IGNORED_DATASET_KEYS:
+                        if not is_empty(value):
+                            ignored.setdefault(IGNORED_DATASET_KEYS[key], []).append(
+                                f"{name}.{i}.{key}"
+                            )
+                    elif key in known_entry and not is_empty(value):
+                        problems.append(_refused(f"{name}.{i}.{key}", value))
+                entry = {
+                    k: v for k, v in entry.items() if k in entry_fields or k not in known_entry
+                }
             cleaned.append(entry)
-        kept["datasets"] = cleaned
-    if set_keys:
-        notes.append("not supported yet, ignored: " + ", ".join(set_keys))
-    if empty_keys:
-        notes.append(
-            "not supported yet, left empty: " + ", ".join(k.split("=")[0] for k in empty_keys)
-        )
+        kept[name] = cleaned
+    for why, keys in ignored.items():
+        notes.append(f"not supported yet, ignored: {', '.join(keys)} ({why})")
     return kept
 
 
@@ -192,7 +218,7 @@ def _did_you_mean(key: str, choices: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def _pydantic_problems(exc: ValidationError) -> list[str]:
+def _pydantic_problems(exc: ValidationError, dialect: str = "tunelab") -> list[str]:
     grouped: dict[str, list[str]] = {}
     for err in exc.errors():
         loc = _loc(err["loc"])
@@ -205,6 +231,8 @@ def _pydantic_problems(exc: ValidationError) -> list[str]:
                 else [*TuneConfig.model_fields, *ALIASES]
             )
             message = "unknown key" + _did_you_mean(key, choices)
+            if dialect == "llamafactory" and message == "unknown key":
+                message = "LLaMA-Factory's key has no meaning in tunelab yet; remove it"
         else:
             msg = err["msg"].removeprefix("Value error, ")
             message = f"{msg} (got {json.dumps(err.get('input'), default=str)})"
@@ -257,8 +285,13 @@ def _cross_checks(config: TuneConfig) -> tuple[list[str], list[str]]:
     """Rules between fields: (problems, notes)."""
     problems: list[str] = []
     notes: list[str] = []
-    if not config.datasets:
+    if not config.datasets and not config.pretraining_dataset:
         problems.append("datasets: no training data; give --data FILE or a datasets list")
+    if config.pretraining_dataset and config.max_steps is None:
+        problems.append(
+            "max_steps: pretraining_dataset is streamed, so the run needs max_steps "
+            "(how many updates to read text for)"
+        )
     if config.bf16 is True and config.fp16:
         problems.append("fp16: cannot train in both bf16 and fp16; set one of them to false")
     if config.circular and config.gradient_accumulation_steps != 1:
@@ -302,7 +335,11 @@ def load_config(
     """
     notes: list[str] = []
     problems: list[str] = []
-    data = unwrap_request(read_config_file(path), notes) if path else {}
+    raw = read_config_file(path) if path else {}
+    data = unwrap_request(raw, notes)
+    dialect = recognise(data, request=data is not raw)
+    data = drop_empty(data)
+    data = translate(data, dialect, notes, problems, Path(path).parent if path else None)
     data = _rename_aliases(data, problems)
     origins = {key: "file" for key in data}
     flagged = [(k, v, "flag") for k, v in (overrides or {}).items()]
@@ -317,23 +354,25 @@ def load_config(
             f"{key}: secrets do not belong in a config, which is saved with the run; "
             f"set {SECRETS[key]} in the environment instead"
         )
-    data = _split_unsupported(data, notes)
+    data = _split_unknown(data, notes, problems)
     source = str(path) if path else None
     problems += _location_problems(data, Path(path).parent if path else None)
     problems += _masked_passwords(data)
     try:
         config = TuneConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(problems + _pydantic_problems(exc), source) from None
+        raise ConfigError(problems + _pydantic_problems(exc, dialect), source) from None
     more, cross_notes = _cross_checks(config)
     if problems or more:
         raise ConfigError(problems + more, source)
+    if origins.get("adapter") != "file":  # a flag chose the adapter, not the dialect's default
+        notes = [n for n in notes if not n.startswith("axolotl config without an adapter")]
     origins = {
         k: v
         for k, v in origins.items()
         if k in TuneConfig.model_fields and getattr(config, k) is not None  # null is "not given"
     }
-    return LoadedConfig(config, notes + cross_notes, source, origins)
+    return LoadedConfig(config, notes + cross_notes, source, origins, dialect)
 
 
 def resolved_dict(config: TuneConfig) -> dict[str, Any]:

@@ -9,7 +9,7 @@ it is the help text of the CLI, the API schema and the web form alike.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -28,7 +28,11 @@ DatasetType = Literal[
     "text",
     "raw",
     "vision",
+    "alpaca_prompt",
+    "jeopardy",
 ]
+PromptStyle = Literal["instruct", "chat", "chatml", "phi"]
+EosRule = Literal["turn", "all", "last", "none"]
 AdapterType = Literal["lora", "qlora", "full"]
 SchedulerType = Literal[
     "constant",
@@ -45,11 +49,19 @@ OptimizerType = Literal[
     "sgd",
     "adamw_bnb_8bit",
     "paged_adamw_8bit",
+    "paged_adamw_32bit",
     "lion_8bit",
+    "paged_lion_8bit",
+    "adamw_torch_8bit",
+    "adamw_torch_4bit",
 ]
 # Other projects' names for the same optimizers.
 OPTIMIZER_SYNONYMS = {"adamw_8bit": "adamw_bnb_8bit", "adamw_hf": "adamw_torch"}
-BNB_OPTIMIZERS = frozenset({"adamw_bnb_8bit", "paged_adamw_8bit", "lion_8bit"})
+BNB_OPTIMIZERS = frozenset(
+    {"adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "paged_lion_8bit"}
+)
+# torchao's low-bit AdamW (transformers' names); like bitsandbytes, they need a CUDA GPU.
+TORCHAO_OPTIMIZERS = frozenset({"adamw_torch_8bit", "adamw_torch_4bit"})
 
 
 class _Strict(BaseModel):
@@ -65,6 +77,42 @@ class DatasetSource(_Strict):
     )
     type: DatasetType = Field("auto", description="Row format; 'auto' detects it per file.")
     split: str = Field("train", description="Split to read from a hub dataset.")
+    name: str | None = Field(None, description="Configuration (subset) of a hub dataset.")
+    field: str | None = Field(
+        None, description="Column holding the text (raw, text, pretrain); default 'text'."
+    )
+    prompt_style: PromptStyle = Field(
+        "instruct",
+        description="alpaca_prompt/jeopardy: instruct (### Instruction:), chat (USER:/ASSISTANT:),"
+        " chatml or phi.",
+    )
+    roles_to_train: list[str] | None = Field(
+        None, description="chat_template: roles whose turns are trained (default [assistant])."
+    )
+    train_on_eos: EosRule | None = Field(
+        None,
+        description="chat_template: train the EOS token after 'turn' (trained turns), "
+        "'all' turns, the 'last' turn, or 'none'.",
+    )
+    train_on_eot: EosRule | None = Field(
+        None, description="chat_template: the same for end-of-turn tokens (default train_on_eos)."
+    )
+    roles: dict[str, list[str]] | None = Field(
+        None,
+        description="chat_template: role names in the data for each role, e.g. "
+        "{user: [human], assistant: [gpt]}.",
+    )
+    field_thinking: str | None = Field(
+        None, description="chat_template: turn key holding the reasoning (thinking) text."
+    )
+    template_thinking_key: str | None = Field(
+        None,
+        description="chat_template: name the chat template reads reasoning from "
+        "(default reasoning_content).",
+    )
+    drop_system_message: bool = Field(
+        False, description="chat_template: leave the conversation's system message out."
+    )
     max_examples: int | None = Field(None, ge=1, description="Use at most this many rows.")
     format_file: str | None = Field(
         None, description="A text-generation-webui format file (JSON of column sets)."
@@ -94,6 +142,42 @@ class ModelSection(_Strict):
         description="Model to fine-tune: a local model directory, a .gguf file, a hub id, "
         f"or a built-in model ('{BUILTIN_MODEL}', the default; `tunelab models` lists them).",
     )
+    trust_remote_code: bool = Field(
+        False, description="Run the Python code a model ships with (only for models you trust)."
+    )
+    attn_implementation: str | None = Field(
+        None,
+        description="Attention: eager, sdpa, flash_attention_2, flash_attention_3, flex_attention "
+        "or a hub kernel; default the model's own choice.",
+    )
+    special_tokens: dict[str, str] | None = Field(
+        None, description="Set the tokenizer's special tokens, e.g. {pad_token: '<|pad|>'}."
+    )
+    tokens: list[str] | None = Field(
+        None, description="Add these tokens to the vocabulary (their embeddings are trained)."
+    )
+    overrides_of_model_config: dict[str, Any] | None = Field(
+        None, description="Change these settings of the model's config.json when loading it."
+    )
+    model_quantization_config: str | None = Field(
+        None,
+        description="A transformers quantization config class to load the model with, "
+        "e.g. Mxfp4Config.",
+    )
+    model_quantization_config_kwargs: dict[str, Any] | None = Field(
+        None, description="Arguments of model_quantization_config, e.g. {dequantize: true}."
+    )
+    reinit_weights: bool = Field(
+        False, description="Start from freshly initialised weights (pre-training from scratch)."
+    )
+    resize_token_embeddings_to_32x: bool = Field(
+        False, description="Pad the embedding matrix to a multiple of 32 rows."
+    )
+    scaling_softmax: bool = Field(
+        False, description="Scalable softmax (SSMax): attention scores times s*log(n)+b."
+    )
+    scaling_softmax_factor: float | None = Field(None, description="SSMax s (default 0.43).")
+    scaling_softmax_bias: float | None = Field(None, description="SSMax b (default 0).")
 
 
 class AdapterSection(_Strict):
@@ -105,11 +189,28 @@ class AdapterSection(_Strict):
         None, ge=1, description="LoRA scaling numerator; default twice lora_r."
     )
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
-    lora_target_modules: list[str] | None = Field(
-        None, description="Module names to adapt, e.g. [q_proj, v_proj]; default all linear layers."
+    lora_target_modules: list[str] | str | None = Field(
+        None,
+        description="Module names to adapt, e.g. [q_proj, v_proj], or one regular expression "
+        "matched against full module names; default all linear layers.",
+    )
+    lora_modules_to_save: list[str] | None = Field(
+        None, description="Modules trained in full and saved with the adapter, e.g. [lm_head]."
+    )
+    peft_use_rslora: bool = Field(
+        False, description="Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r."
+    )
+    peft_use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA.")
+    lora_fan_in_fan_out: bool | None = Field(
+        None, description="The adapted layers store weights as (in, out), like GPT-2's Conv1D."
     )
     lora_target_linear: bool | None = Field(
         None, description="Adapt every linear layer except the output head."
+    )
+    unfrozen_parameters: list[str] | None = Field(
+        None,
+        description="Train only parameters whose names match one of these regular expressions "
+        "(a '.' is a literal dot); with an adapter, only the adapter weights inside them.",
     )
     lora_model_dir: str | None = Field(
         None, description="Continue training this finished adapter (a run directory) on new data."
@@ -144,6 +245,20 @@ class DataSection(_Strict):
         description="A template name (chatml, llama3, gemma, alpaca, vicuna) or a Jinja "
         "file; default the model's own.",
     )
+    chat_template_jinja: str | None = Field(
+        None, description="A Jinja chat template, as text or a file path (wins over chat_template)."
+    )
+    eot_tokens: list[str] | None = Field(
+        None, description="Tokens that end a turn in the chat template (default the EOS token)."
+    )
+    pad_to_sequence_len: bool = Field(
+        False, description="Pad every batch to sequence_len (steady memory use)."
+    )
+    pretraining_dataset: list[DatasetSource] | None = Field(
+        None,
+        description="Text streamed for pre-training (needs max_steps); rows are chunked to "
+        "sequence_len and all trained.",
+    )
     default_system_message: str | None = Field(
         None, description="System message for conversations that have none."
     )
@@ -152,6 +267,9 @@ class DataSection(_Strict):
     )
     sample_packing: bool = Field(
         False, description="Pack several samples into each row, with no attention across them."
+    )
+    min_sample_len: int | None = Field(
+        None, ge=1, description="Drop samples shorter than this many tokens."
     )
     excess_length_strategy: Literal["truncate", "drop"] = Field(
         "truncate", description="What to do with samples longer than sequence_len."
@@ -184,18 +302,30 @@ class TrainingSection(_Strict):
         None, gt=0, description="Peak learning rate; default 2e-4 for LoRA, 2e-5 for full."
     )
     lr_scheduler: SchedulerType = Field("cosine", description="Learning-rate schedule.")
+    lr_scheduler_kwargs: dict[str, Any] | None = Field(
+        None, description="Extra arguments of the schedule (transformers' lr_scheduler_kwargs)."
+    )
+    cosine_min_lr_ratio: float | None = Field(
+        None, ge=0.0, le=1.0, description="Cosine: end at this share of the peak learning rate."
+    )
     warmup_steps: int | None = Field(None, ge=0, description="Warm-up updates.")
     warmup_ratio: float | None = Field(
         None, ge=0.0, lt=1.0, description="Warm-up as a share of all updates (default 0.03)."
     )
     optimizer: OptimizerType = Field("adamw_torch", description="Optimizer.")
+    adam_beta1: float | None = Field(None, ge=0.0, lt=1.0, description="Adam beta1 (0.9).")
+    adam_beta2: float | None = Field(None, ge=0.0, lt=1.0, description="Adam beta2 (0.999).")
+    adam_epsilon: float | None = Field(None, gt=0.0, description="Adam epsilon (1e-8).")
     weight_decay: float = Field(0.0, ge=0.0, description="Weight decay.")
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0: none).")
     eval_steps: int | None = Field(
         None, ge=1, description="Evaluate every N updates; default from evals_per_epoch."
     )
     evals_per_epoch: int | None = Field(
-        None, ge=1, description="Evaluations per epoch when eval_steps is not given."
+        None, ge=0, description="Evaluations per epoch when eval_steps is not given (0: none)."
+    )
+    eval_batch_size: int | None = Field(
+        None, ge=1, description="Samples per evaluation step (default micro_batch_size)."
     )
     early_stopping_patience: int | None = Field(
         None,
@@ -234,9 +364,13 @@ class TrainingSection(_Strict):
         None, ge=1, description="Log every N updates; default about 50 logs per run."
     )
     seed: int = Field(42, description="Random seed for data order, splits and initialisation.")
-    gradient_checkpointing: bool | Literal["auto"] = Field(
+    gradient_checkpointing: bool | Literal["auto", "offload"] = Field(
         "auto",
-        description="Trade compute for memory; 'auto' turns it on only when memory needs it.",
+        description="Trade compute for memory; 'auto' turns it on only when memory needs it; "
+        "'offload' also keeps the saved activations in CPU memory.",
+    )
+    gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
+        None, description="Arguments of gradient checkpointing, e.g. {use_reentrant: false}."
     )
     bf16: bool | Literal["auto"] = Field(
         "auto", description="Train in bfloat16; 'auto' uses it where the GPU supports it."
@@ -313,6 +447,8 @@ class TuneConfig(
     @property
     def lora_targets(self) -> list[str] | str:
         """What peft's ``target_modules`` gets: the names given, or all linear layers."""
+        if isinstance(self.lora_target_modules, str) and not self.lora_target_linear:
+            return self.lora_target_modules  # a regular expression over full module names
         if self.lora_target_modules and not self.lora_target_linear:
             return list(self.lora_target_modules)
         return "all-linear"

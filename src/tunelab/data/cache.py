@@ -20,13 +20,17 @@ DATA_KEYS = (
     "datasets", "sequence_len", "train_on_inputs", "val_set_size", "max_examples",
     "dataset_exact_deduplication", "shuffle_merged_datasets", "chat_template",
     "default_system_message", "excess_length_strategy", "seed", "sample_packing",
+    "chat_template_jinja", "eot_tokens", "pretraining_dataset", "min_sample_len",
 )  # fmt: skip
+# How much of pretraining_dataset is read depends on these; they matter only with it.
+PRETRAINING_KEYS = ("max_steps", "micro_batch_size", "gradient_accumulation_steps")
 
 
 def cache_key(config: TuneConfig, sources: list[Any], tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    keys = DATA_KEYS + (PRETRAINING_KEYS if config.pretraining_dataset else ())
     parts = {
-        "config": {k: config.model_dump(mode="json")[k] for k in DATA_KEYS},
+        "config": {k: config.model_dump(mode="json")[k] for k in keys},
         "sources": [(s.path, s.format, s.rows, s.sha256) for s in sources],
         "tokenizer": hashlib.sha256(backend.to_str().encode()).hexdigest()
         if backend

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 Message = dict[str, str]
@@ -27,10 +27,22 @@ class TextSample:
 
 @dataclass(frozen=True)
 class VisionSample:
-    """A conversation whose user turn shows images (paths, in order of their placeholders)."""
+    """A conversation whose turns show images (paths, in order of their placeholders)."""
 
     messages: list[dict[str, Any]]
     images: tuple[str, ...]
+    column: str = field(default="image", compare=False)  # the row's key naming the images
+
+
+@dataclass(frozen=True)
+class TurnRules:
+    """What a conversation of ``type: chat_template`` trains, as axolotl does: the content of
+    turns whose role is in ``roles``, and the end-of-turn / EOS token after a turn by its
+    rule: 'turn' (after trained turns), 'all', 'last' (after the last turn looked at), 'none'."""
+
+    roles: tuple[str, ...] = ("assistant",)
+    eos: str = "turn"
+    eot: str = "turn"
 
 
 Sample = list[Message] | TextSample | VisionSample
@@ -54,6 +66,9 @@ class Mapping:
     system: str = "system"
     tools: str = "tools"
     roles: dict[str, str] = field(default_factory=dict)  # extra role names -> ours
+    thinking: str | None = None  # turn key holding reasoning text, passed to the template
+    thinking_key: str = "reasoning_content"  # the message key the template reads it from
+    images: str = "images"  # image file paths, in the order of the turns' image parts
 
 
 ROLE_NAMES = {
@@ -121,7 +136,7 @@ def text_field(row: dict[str, Any], key: str, required: bool) -> str:
     return checked_text(value, key)
 
 
-def _response(row: dict[str, Any], key: str) -> str:
+def response_field(row: dict[str, Any], key: str) -> str:
     text = text_field(row, key, required=True)
     if not text.strip():
         raise RowError(key, "is empty: there is no response to train on")
@@ -159,14 +174,19 @@ def _tools_text(tools: Any) -> str:
     return json.dumps(tools, ensure_ascii=False)
 
 
-def _with_tools(messages: list[Message], tools: Any) -> list[Message]:
+def _with_tools(messages: list[dict[str, Any]], tools: Any) -> list[dict[str, Any]]:
     """Tool definitions go into the system message, where every chat template shows them."""
     text = _tools_text(tools) if tools else ""
     if not text or text in ("[]", "{}"):
         return messages
     note = f"You can call these tools:\n{text}"
     if messages and messages[0]["role"] == "system":
-        return [{"role": "system", "content": f"{messages[0]['content']}\n\n{note}"}, *messages[1:]]
+        system = messages[0]["content"]
+        if isinstance(system, list):  # content parts: the note is one more text part
+            content: Any = [*system, {"type": "text", "text": f"\n\n{note}"}]
+        else:
+            content = f"{system}\n\n{note}"
+        return [{**messages[0], "content": content}, *messages[1:]]
     return [{"role": "system", "content": note}, *messages]
 
 
@@ -186,34 +206,134 @@ def _call_text(calls: list[Any]) -> str:
     return "\n".join(out)
 
 
-def _parts_text(parts: list[Any], key: str, place: str) -> str:
-    """OpenAI content parts joined; only text parts can be trained on in a conversation."""
-    texts = []
+AUDIO_PARTS = ("audio", "input_audio")
+IMAGE_FILE_KEYS = ("image", "path", "url")  # where an image part may name its own file
+
+
+def _image_file(part: dict[str, Any], key: str, place: str) -> str | None:
+    """The local file an image part names itself, or None (it takes the next of ``images``)."""
+    for name in IMAGE_FILE_KEYS:
+        value = part.get(name)
+        if value is None:
+            continue
+        where = f"{place}image part's '{name}'"
+        if not isinstance(value, str) or not value.strip():
+            raise RowError(
+                key,
+                f"{where} must be an image file path, found {_kind(value)}; images held inside "
+                "the data are not supported yet: save them as files and give their paths",
+            )
+        if value.startswith(("http://", "https://")):
+            raise RowError(key, f"{where} is a web address; images are read from local files only")
+        if value.startswith("data:"):
+            raise RowError(key, f"{where} is inline data; save the image as a file, give its path")
+        return value.removeprefix("file://")
+    return None
+
+
+def _parts(parts: list[Any], key: str, place: str) -> list[dict[str, Any]]:
+    """OpenAI / Hugging Face content parts, checked: ``{type: text, text}`` and
+    ``{type: image}``; an image part keeps the file it names under '_file'."""
+    out: list[dict[str, Any]] = []
     for part in parts:
         kind = part.get("type", "text") if isinstance(part, dict) else None
-        if kind != "text":
+        if kind == "text":
+            text = checked_text(part.get("text"), key, f"{place}text part ")
+            out.append({"type": "text", "text": text})
+        elif kind == "image":
+            out.append({"type": "image", "_file": _image_file(part, key, place)})
+        elif kind in AUDIO_PARTS:
+            raise RowError(key, f"{place}holds an '{kind}' part: audio parts are not supported yet")
+        else:
             found = f"a '{kind}' part" if isinstance(kind, str) else f"a part that is {_kind(part)}"
             raise RowError(
-                key, f"{place}holds {found}; only text parts ({{type: text, text}}) can be used"
+                key,
+                f"{place}holds {found}; only text parts ({{type: text, text}}) and image parts "
+                "({type: image}) can be used",
             )
-        texts.append(checked_text(part.get("text"), key, f"{place}text part "))
-    return "".join(texts)
+    return out
 
 
-def _content(item: dict[str, Any], mapping: Mapping, turn: int) -> str:
+def _text_of(content: str | list[dict[str, Any]]) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(p["text"] for p in content if p["type"] == "text")
+
+
+def _content(item: dict[str, Any], mapping: Mapping, turn: int) -> str | list[dict[str, Any]]:
+    """A turn's text, or its content parts when it is a list of them."""
     value = item.get(mapping.content)
     place = f"of turn {turn} "
     if isinstance(value, list):  # OpenAI content parts
-        value = _parts_text(value, mapping.content, place)
-    value = checked_text("" if value is None else value, mapping.content, place)
+        content: str | list[dict[str, Any]] = _parts(value, mapping.content, place)
+    else:
+        content = checked_text("" if value is None else value, mapping.content, place)
     calls = item.get("tool_calls")
     if calls:
-        value = (value + "\n" if value.strip() else "") + _call_text(calls)
-    return value
+        call_text = ("\n" if _text_of(content).strip() else "") + _call_text(calls)
+        if isinstance(content, list):
+            content = [*content, {"type": "text", "text": call_text}]
+        else:
+            content += call_text
+    return content
 
 
-def conversation_to_messages(row: dict[str, Any], mapping: Mapping) -> list[Message]:
-    """A list of turns (ShareGPT ``from``/``value``, OpenAI ``role``/``content``, or mapped)."""
+def _image_paths(row: dict[str, Any], key: str) -> list[str]:
+    """The row's ``images`` column: a path or a list of paths (absent or null: none)."""
+    value = row.get(key)
+    if value is None:
+        return []
+    paths = value if isinstance(value, list) else [value]
+    for n, path in enumerate(paths, start=1):
+        if not isinstance(path, str) or not path.strip():
+            raise RowError(
+                key,
+                f"item {n} must be an image file path, found {_kind(path)}; images held inside "
+                "the data are not supported yet: save them as files and list their paths",
+            )
+    return paths
+
+
+def _vision_sample(
+    messages: list[dict[str, Any]], listed: list[str], key: str, content_key: str
+) -> VisionSample:
+    """A conversation with image parts as a :class:`VisionSample`: every turn's content as
+    parts (the form image-text chat templates read), image parts bare, and the image files in
+    order: the one a part names itself, else the next of the ``images`` column."""
+    files: list[str] = []
+    unnamed = 0
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}] if content else []
+        parts = []
+        for part in content:
+            if part["type"] == "image":
+                named = part.get("_file")
+                if named is None:
+                    named = listed[unnamed] if unnamed < len(listed) else None
+                    unnamed += 1
+                files.append(named)
+                part = {"type": "image"}
+            parts.append(part)
+        out.append({**message, "content": parts})
+    if unnamed != len(listed):
+        raise RowError(
+            key,
+            f"holds {len(listed)} image path{'s' * (len(listed) != 1)} for {unnamed} image "
+            f"part{'s' * (unnamed != 1)} ({{type: image}}) in '{content_key}' that name no file; "
+            "give one path for each, in order",
+        )
+    return VisionSample(out, tuple(files), key)
+
+
+def conversation_to_messages(row: dict[str, Any], mapping: Mapping) -> list[Message] | VisionSample:
+    """A list of turns (ShareGPT ``from``/``value``, OpenAI ``role``/``content``, or mapped).
+
+    Turns whose content parts show images (``{type: image}``, their files in the ``images``
+    column or named in the part) make a :class:`VisionSample`; otherwise parts are joined
+    into text."""
     turns = row.get(mapping.messages)
     if not isinstance(turns, list) or not turns:
         raise RowError(mapping.messages, "must be a non-empty list of turns")
@@ -221,10 +341,9 @@ def conversation_to_messages(row: dict[str, Any], mapping: Mapping) -> list[Mess
     if mapping.role not in first:  # the other common layout under the same column name
         for other in (SHAREGPT, OPENAI):
             if other.role in first and other.content in first:
-                mapping = Mapping(mapping.messages, other.role, other.content, mapping.system,
-                                  mapping.tools, mapping.roles)  # fmt: skip
+                mapping = replace(mapping, role=other.role, content=other.content)
     names = {**ROLE_NAMES, **mapping.roles}
-    messages: list[Message] = []
+    messages: list[dict[str, Any]] = []
     system = text_field(row, mapping.system, required=False)
     if system.strip():
         messages.append({"role": "system", "content": system})
@@ -240,10 +359,27 @@ def conversation_to_messages(row: dict[str, Any], mapping: Mapping) -> list[Mess
         content = _content(turn, mapping, number)
         if role == "function_call":  # an assistant turn that calls a tool
             role = "assistant"
-        if role == "assistant" and not content.strip():
+        if role == "assistant" and not _text_of(content).strip():
             raise RowError(mapping.content, "of an assistant turn is empty")
-        messages.append({"role": role, "content": content})
-    return check_turns(_with_tools(messages, row.get(mapping.tools)), mapping.messages)
+        message = {"role": role, "content": content}
+        if mapping.thinking and turn.get(mapping.thinking) is not None:
+            message[mapping.thinking_key] = checked_text(
+                turn[mapping.thinking], mapping.thinking, f"of turn {number} "
+            )
+        messages.append(message)
+    messages = _with_tools(messages, row.get(mapping.tools))
+    listed = _image_paths(row, mapping.images)
+    shown = any(
+        isinstance(m["content"], list) and any(p["type"] == "image" for p in m["content"])
+        for m in messages
+    )
+    if shown or listed:
+        sample = _vision_sample(messages, listed, mapping.images, mapping.content)
+        check_turns(sample.messages, mapping.messages)
+        return sample
+    for message in messages:
+        message["content"] = _text_of(message["content"])
+    return check_turns(messages, mapping.messages)
 
 
 def alpaca_to_messages(row: dict[str, Any]) -> list[Message]:
@@ -254,7 +390,7 @@ def alpaca_to_messages(row: dict[str, Any]) -> list[Message]:
     """
     instruction = text_field(row, "instruction", required=True)
     extra = text_field(row, "input", required=False)
-    output = _response(row, "output")
+    output = response_field(row, "output")
     if not instruction.strip() and not extra.strip():
         raise RowError("instruction", "is empty")
     messages: list[Message] = []
@@ -284,20 +420,20 @@ def qa_to_messages(row: dict[str, Any]) -> list[Message]:
     prompt = f"{context}\n\n{question}" if context.strip() else question
     return [
         {"role": "user", "content": prompt},
-        {"role": "assistant", "content": _response(row, "answer")},
+        {"role": "assistant", "content": response_field(row, "answer")},
     ]
 
 
 def completion_to_text(row: dict[str, Any]) -> TextSample:
     """``prompt`` (not trained) followed directly by ``completion`` (trained)."""
     return TextSample(
-        ((text_field(row, "prompt", True), False), (_response(row, "completion"), True))
+        ((text_field(row, "prompt", True), False), (response_field(row, "completion"), True))
     )
 
 
-def text_to_text(row: dict[str, Any]) -> TextSample:
-    """A ``text`` column: the whole text is trained."""
-    return TextSample(((_response(row, "text"), True),))
+def text_to_text(row: dict[str, Any], column: str = "text") -> TextSample:
+    """A ``text`` column (or another ``column``): the whole text is trained."""
+    return TextSample(((response_field(row, column), True),))
 
 
 def vision_row(row: dict[str, Any]) -> VisionSample:
@@ -310,7 +446,7 @@ def vision_row(row: dict[str, Any]) -> VisionSample:
     content = [{"type": "image"} for _ in paths] + [{"type": "text", "text": prompt}]
     messages = [
         {"role": "user", "content": content},
-        {"role": "assistant", "content": _response(row, "caption")},
+        {"role": "assistant", "content": response_field(row, "caption")},
     ]
     return VisionSample(messages, tuple(paths))
 

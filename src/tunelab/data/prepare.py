@@ -10,7 +10,7 @@ import json
 import random
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +19,30 @@ from tunelab.data.chunking import chunk_text
 from tunelab.data.formats import (
     FORMATS,
     OPENAI,
+    ROLE_NAMES,
     Mapping,
     RowError,
     Sample,
     TextSample,
+    TurnRules,
     VisionSample,
     conversation_to_messages,
     describe_formats,
     detect_format,
     text_field,
+    text_to_text,
 )
 from tunelab.data.packing import efficiency, pack
+from tunelab.data.prompt_styles import PROMPTED_FORMATS
 from tunelab.data.sources import Table, expand, reduce_preferences
 from tunelab.data.templates import DataTemplate, FormatFile, apply_chat_template
-from tunelab.data.tokenize import IGNORE_INDEX, TemplateError, sample_segments, tokenize_segments
+from tunelab.data.tokenize import (
+    IGNORE_INDEX,
+    TemplateError,
+    end_of_turn_tokens,
+    sample_segments,
+    tokenize_segments,
+)
 from tunelab.errors import DataError
 
 
@@ -46,11 +56,12 @@ class RawText:
 
 @dataclass(frozen=True)
 class Example:
-    """One sample and where it came from."""
+    """One sample, where it came from, and for ``type: chat_template`` how it is masked."""
 
     sample: Sample | RawText
     source: str
     where: str
+    rules: TurnRules | None = None
 
 
 @dataclass(frozen=True)
@@ -90,7 +101,9 @@ def _converter(source: DatasetSource, table: Table) -> tuple[str, Callable[[dict
         template = DataTemplate(source.data_template)
         template.check_columns(_columns(table), table.name)
         return "data_template", template
-    if source.type == "chat_template" or source.field_messages or source.message_property_mappings:
+    if source.type == "chat_template":
+        return "chat_template", _chat_template_converter(source)
+    if source.field_messages or source.message_property_mappings:
         props = source.message_property_mappings or {}
         mapping = Mapping(
             messages=source.field_messages or "messages",
@@ -98,15 +111,103 @@ def _converter(source: DatasetSource, table: Table) -> tuple[str, Callable[[dict
             content=props.get("content", OPENAI.content),
         )
         return "chat_template", lambda row: conversation_to_messages(row, mapping)
+    if source.type in PROMPTED_FORMATS:
+        _, convert = PROMPTED_FORMATS[source.type]
+        style = source.prompt_style
+        return source.type, lambda row: convert(row, style)
     name = source.type if source.type != "auto" else table.format
     if name is None:
         name = _detect(table)
     if name in ("sharegpt", "openai") and table.mapping is not None:
         mapping = table.mapping
         return name, lambda row: conversation_to_messages(row, mapping)
+    column = "text" if table.text is not None else source.field or "text"  # a .txt line is text
     if name == "raw":
-        return "raw", lambda row: RawText(text_field(row, "text", required=True), source)
+        return "raw", lambda row: RawText(text_field(row, column, required=True), source)
+    if name == "text":
+        return "text", lambda row: text_to_text(row, column)
     return name, FORMATS[name].convert
+
+
+def _role_names(source: DatasetSource) -> dict[str, str]:
+    """``roles`` ({ours: [theirs, ...]}) as a map from the data's names to ours."""
+    return {theirs: ours for ours, names in (source.roles or {}).items() for theirs in names}
+
+
+def turn_rules(source: DatasetSource) -> TurnRules | None:
+    """How a ``type: chat_template`` source's conversations are masked (None for others)."""
+    if source.type != "chat_template":
+        return None
+    names = _role_names(source)
+    eos = source.train_on_eos or "turn"
+    trained = source.roles_to_train if source.roles_to_train is not None else ["assistant"]
+    return TurnRules(
+        roles=tuple(names.get(r, ROLE_NAMES.get(r, r)) for r in trained),
+        eos=eos,
+        eot=source.train_on_eot or eos,
+    )
+
+
+CHAT_TEMPLATE_KEYS = (
+    "roles_to_train", "train_on_eos", "train_on_eot", "roles", "field_thinking",
+    "template_thinking_key", "drop_system_message",
+)  # fmt: skip
+MASK_KEYS = ("roles_to_train", "train_on_eos", "train_on_eot")
+
+
+def ignored_keys(
+    where: str, source: DatasetSource, name: str, table: Table, images: bool = False
+) -> list[str]:
+    """Notes naming the keys of a dataset entry that the format it is read as does not use
+    (``name``: the format of ``table``; ``images``: whether it gave image rows)."""
+    given = [key for key in CHAT_TEMPLATE_KEYS if getattr(source, key) not in (None, False)]
+    notes = []
+    if source.type != "chat_template" or name != "chat_template":
+        for key in given:
+            notes.append(f"{where}.{key} applies to type chat_template only; ignored for {name}")
+    elif images and any(key in MASK_KEYS for key in given):
+        keys = " and ".join(key for key in given if key in MASK_KEYS)
+        notes.append(
+            f"{where}: {keys} apply to its text rows only; image rows are masked by tunelab's "
+            "rule (the assistant turns, each with its end-of-turn token, are trained)"
+        )
+    if source.field not in (None, "text"):
+        if table.text is not None:
+            notes.append(f"{where}.field is ignored for a .txt file (it has no columns)")
+        elif name not in ("raw", "text"):
+            notes.append(f"{where}.field applies to types raw and text only; ignored for {name}")
+    if source.prompt_style != "instruct" and name not in PROMPTED_FORMATS:
+        notes.append(
+            f"{where}.prompt_style applies to types alpaca_prompt and jeopardy only; "
+            f"ignored for {name}"
+        )
+    return notes
+
+
+def _chat_template_converter(source: DatasetSource) -> Callable[[dict], Any]:
+    """``type: chat_template``: a conversation with the dataset's names for roles, keys and
+    reasoning; its mask comes from :func:`turn_rules`."""
+    props = source.message_property_mappings or {}
+    names = _role_names(source)
+    mapping = Mapping(
+        messages=source.field_messages or "messages",
+        role=props.get("role", OPENAI.role),
+        content=props.get("content", OPENAI.content),
+        roles=names,
+        thinking=source.field_thinking or "reasoning_content",
+        thinking_key=source.template_thinking_key or "reasoning_content",
+    )
+
+    def convert(row: dict) -> list | VisionSample:
+        sample = conversation_to_messages(row, mapping)
+        messages = sample.messages if isinstance(sample, VisionSample) else sample
+        if source.drop_system_message and messages[0]["role"] == "system":
+            messages = messages[1:]
+        if isinstance(sample, VisionSample):
+            return replace(sample, messages=messages)
+        return messages
+
+    return convert
 
 
 def _detect(table: Table) -> str:
@@ -132,8 +233,13 @@ def _detect(table: Table) -> str:
 
 
 def _with_system(sample: Any, system: str | None) -> Any:
-    if system and isinstance(sample, list) and sample[0]["role"] != "system":
+    if not system:
+        return sample
+    if isinstance(sample, list) and sample[0]["role"] != "system":
         return [{"role": "system", "content": system}, *sample]
+    if isinstance(sample, VisionSample) and sample.messages[0]["role"] != "system":
+        parts = [{"type": "text", "text": system}]  # the form image-text templates read
+        return replace(sample, messages=[{"role": "system", "content": parts}, *sample.messages])
     return sample
 
 
@@ -147,9 +253,9 @@ def _with_images(sample: Any, folder: Path | None) -> Any:
         if not path.is_absolute() and folder is not None:
             path = folder / path
         if not path.is_file():
-            raise RowError("image", f"names a file that does not exist: {path}")
+            raise RowError(sample.column, f"names a file that does not exist: {path}")
         paths.append(str(path.resolve()))
-    return VisionSample(sample.messages, tuple(paths))
+    return replace(sample, images=tuple(paths))
 
 
 def _convert(table: Table, source: DatasetSource, system: str | None) -> tuple[str, list[Example]]:
@@ -158,10 +264,11 @@ def _convert(table: Table, source: DatasetSource, system: str | None) -> tuple[s
     if name == "raw" and table.text is not None:  # a whole .txt file is one document
         return name, [Example(RawText(table.text, source), table.name, "the whole file")]
     examples, failures, first = [], Counter(), {}
+    rules = turn_rules(source)
     for row in rows:
         try:
             sample = _with_images(_with_system(convert(row.data), system), table.folder)
-            examples.append(Example(sample, table.name, row.where))
+            examples.append(Example(sample, table.name, row.where, rules))
         except RowError as exc:
             failures[str(exc)] += 1
             first.setdefault(str(exc), row.where)
@@ -196,7 +303,7 @@ def load_examples(config: TuneConfig, read_hub: bool = True) -> LoadedData:
     notes: list[str] = []
     examples: list[Example] = []
     reports: list[SourceReport] = []
-    for source in config.datasets:
+    for n, source in enumerate(config.datasets):
         for table in expand(source.path, source.split, notes, read_hub):
             if not table.rows and not (table.text or "").strip():
                 raise DataError(f"{table.name}: the dataset is empty (no rows)", "add examples")
@@ -204,6 +311,10 @@ def load_examples(config: TuneConfig, read_hub: bool = True) -> LoadedData:
             if table.preference:
                 notes.append(f"{table.name}: preference pairs; training on the chosen answers")
             name, converted = _convert(table, source, config.default_system_message)
+            images = any(isinstance(ex.sample, VisionSample) for ex in converted)
+            for note in ignored_keys(f"datasets.{n}", source, name, table, images):
+                if note not in notes:
+                    notes.append(note)
             examples += converted
             reports.append(SourceReport(table.name, name, len(table.rows), table.sha256))
     duplicates = 0
@@ -211,7 +322,7 @@ def load_examples(config: TuneConfig, read_hub: bool = True) -> LoadedData:
         seen: set[str] = set()
         unique = []
         for ex in examples:
-            key = _key(ex.sample)
+            key = _key(ex.sample) + repr(ex.rules)  # the same conversation masked otherwise
             if key not in seen:
                 seen.add(key)
                 unique.append(ex)
@@ -220,11 +331,17 @@ def load_examples(config: TuneConfig, read_hub: bool = True) -> LoadedData:
         random.Random(config.seed).shuffle(examples)
     if config.max_examples:
         examples = examples[: config.max_examples]
+    if config.pretraining_dataset:
+        from tunelab.data.pretraining import check_sources
+
+        notes += check_sources(config)
     return LoadedData(examples, reports, duplicates, notes)
 
 
 def split_examples(examples: list[Example], val_set_size: float, seed: int) -> tuple[list, list]:
     """Hold out a share (< 1) or a count (>= 1) for validation, chosen with ``seed``."""
+    if not examples:  # only pretraining_dataset, which is never held out
+        return [], []
     order = list(range(len(examples)))
     random.Random(seed + 1).shuffle(order)
     n_val = int(val_set_size) if val_set_size >= 1 else int(len(examples) * val_set_size)
@@ -269,13 +386,18 @@ def _vision_tokens(ex: Example, processor: Any, config: TuneConfig) -> tuple[lis
 def tokenize_examples(
     examples: list[Example], tokenizer: Any, config: TuneConfig, processor: Any = None
 ) -> tuple[list[dict[str, Any]], Counter]:
-    """Token ids, attention mask and labels; samples past ``sequence_len`` cut or dropped.
-    The counts say how many, and how many tokens the cuts threw away.
+    """Token ids, attention mask and labels; samples past ``sequence_len`` cut or dropped,
+    and those shorter than ``min_sample_len`` dropped. The counts say how many (and why:
+    'dropped_long', 'dropped_short', 'dropped_untrained'), and how many tokens the cuts
+    threw away.
 
     Image samples also keep their image paths and are dropped, never cut, when too long.
     """
     out, counts = [], Counter()
     limit = config.sequence_len
+    eot_tokens = None
+    if any(ex.rules is not None for ex in examples):
+        eot_tokens, _ = end_of_turn_tokens(tokenizer, config.eot_tokens)
     for ex in examples:
         for sample in _samples(ex, tokenizer, limit):
             images = list(sample.images) if isinstance(sample, VisionSample) else None
@@ -283,20 +405,25 @@ def tokenize_examples(
                 ids, labels = _vision_tokens(ex, processor, config)
             else:
                 try:
-                    segments = sample_segments(sample, tokenizer, config.train_on_inputs)
+                    segments = sample_segments(
+                        sample, tokenizer, config.train_on_inputs, ex.rules, eot_tokens
+                    )
                 except TemplateError as exc:
                     raise DataError(f"{ex.source}: {ex.where}: {exc}", exc.hint) from None
                 ids, labels = tokenize_segments(segments, tokenizer)
             if len(ids) > limit:
                 if config.excess_length_strategy == "drop" or images is not None:
-                    counts["dropped"] += 1
+                    counts.update(dropped=1, dropped_long=1)
                     continue
                 counts["truncated"] += 1
                 counts["truncated_tokens"] += len(ids) - limit
                 counts["truncated_over_half"] += len(ids) > 2 * limit  # lost most of itself
                 ids, labels = ids[:limit], labels[:limit]
             if all(label == IGNORE_INDEX for label in labels[1:]):
-                counts["dropped"] += 1  # nothing left to learn from after the cut
+                counts.update(dropped=1, dropped_untrained=1)  # nothing left to learn from
+                continue
+            if config.min_sample_len and len(ids) < config.min_sample_len:
+                counts.update(dropped=1, dropped_short=1)
                 continue
             counts["tokens"] += len(ids)
             counts["trained_tokens"] += sum(label != IGNORE_INDEX for label in labels[1:])
@@ -314,8 +441,12 @@ def prepare_data(
     is a multimodal model's processor, needed for image samples."""
     loaded = loaded or load_examples(config)
     conversations = any(isinstance(ex.sample, list) for ex in loaded.examples)
-    if conversations or config.chat_template:
-        apply_chat_template(tokenizer, config.chat_template)
+    if conversations or config.chat_template or config.chat_template_jinja:
+        _add_notes(loaded, apply_chat_template(tokenizer, config.chat_template,
+                                               config.chat_template_jinja))  # fmt: skip
+    if any(ex.rules is not None for ex in loaded.examples):
+        _check_end_rules(config, tokenizer)
+        _add_notes(loaded, end_of_turn_tokens(tokenizer, config.eot_tokens)[1])
     if not config.dataset_prepared_path:
         return tokenize_all(config, tokenizer, loaded, processor)
     from tunelab.data import cache
@@ -324,8 +455,10 @@ def prepare_data(
     key = cache.cache_key(config, loaded.sources, tokenizer)
     data = cache.load(root, key)
     if data is not None:
+        read = [n for n in data.notes if n.startswith("pretraining_dataset: ")]
         data.notes = [
             *loaded.notes,
+            *read,
             *truncation_notes(data.stats, config.sequence_len),
             f"reused the prepared dataset in {root / key}",
         ]
@@ -336,6 +469,26 @@ def prepare_data(
     return data
 
 
+def _add_notes(loaded: LoadedData, notes: list[str]) -> None:
+    loaded.notes += [note for note in notes if note not in loaded.notes]
+
+
+def _check_end_rules(config: TuneConfig, tokenizer: Any) -> None:
+    """As axolotl: when the EOS token is one of the given eot_tokens, train_on_eos and
+    train_on_eot must agree, since they would rule on the same token."""
+    if not config.eot_tokens or tokenizer.eos_token not in config.eot_tokens:
+        return
+    for n, source in enumerate(config.datasets):
+        eos = source.train_on_eos or "turn"
+        eot = source.train_on_eot or eos
+        if source.type == "chat_template" and eos != eot:
+            raise DataError(
+                f"datasets[{n}]: train_on_eos '{eos}' and train_on_eot '{eot}' differ, but the "
+                f"EOS token {tokenizer.eos_token} is one of the eot_tokens",
+                "give both the same value, or leave the EOS token out of eot_tokens",
+            )
+
+
 def tokenize_all(
     config: TuneConfig, tokenizer: Any, loaded: LoadedData, processor: Any = None
 ) -> PreparedData:
@@ -343,12 +496,11 @@ def tokenize_all(
     train_ex, val_ex = split_examples(loaded.examples, config.val_set_size, config.seed)
     train, train_counts = tokenize_examples(train_ex, tokenizer, config, processor)
     val, val_counts = tokenize_examples(val_ex, tokenizer, config, processor)
+    sources = list(loaded.sources)
+    if config.pretraining_dataset:
+        sources += _read_pretraining(config, tokenizer, loaded, train, train_counts)
     if not train:
-        raise DataError(
-            f"nothing left to train on: all {len(train_ex)} training samples were dropped "
-            f"(longer than sequence_len={config.sequence_len}, or no response left after the cut)",
-            "raise sequence_len, use excess_length_strategy: truncate, or shorten the prompts",
-        )
+        raise _nothing_left(config, len(train_ex), train_counts)
     counts = train_counts + val_counts
     lengths = sorted(len(x["input_ids"]) for x in train)
     n_train, n_val = len(train), len(val)
@@ -365,7 +517,7 @@ def tokenize_all(
             "samples_per_row": round(n_train / len(train), 2),
         }
     stats = {
-        "rows": sum(s.rows for s in loaded.sources),
+        "rows": sum(s.rows for s in sources),
         "duplicates": loaded.duplicates,
         "examples": len(loaded.examples),
         "train_samples": n_train,
@@ -382,8 +534,50 @@ def tokenize_all(
         "mean_length": round(sum(lengths) / len(lengths), 1),
         **packing,
     }
+    if config.pretraining_dataset:
+        stats["pretraining_chunks"] = train_counts["pretraining_chunks"]
+    if config.min_sample_len:
+        stats["dropped_short"] = counts["dropped_short"]
     notes = [*loaded.notes, *truncation_notes(stats, config.sequence_len)]
-    return PreparedData(train, val, loaded.sources, stats, notes)
+    return PreparedData(train, val, sources, stats, notes)
+
+
+def _nothing_left(config: TuneConfig, n: int, counts: Counter) -> DataError:
+    """The error for a training split that tokenizing left empty, saying why samples went."""
+    reasons = {
+        "dropped_long": f"longer than sequence_len={config.sequence_len}",
+        "dropped_short": f"shorter than min_sample_len={config.min_sample_len}",
+        "dropped_untrained": "with no response left after the cut",
+    }
+    why = ", ".join(f"{counts[k]} {text}" for k, text in reasons.items() if counts[k])
+    hints = []
+    if counts["dropped_long"] or counts["dropped_untrained"] or not why:
+        hints.append(
+            "raise sequence_len, use excess_length_strategy: truncate, or shorten the prompts"
+        )
+    if counts["dropped_short"]:
+        hints.append(f"lower min_sample_len ({config.min_sample_len} tokens) or leave it out")
+    return DataError(
+        f"nothing left to train on: all {n} training samples were dropped"
+        + (f" ({why})" if why else ""),
+        "; or ".join(hints),
+    )
+
+
+def _read_pretraining(
+    config: TuneConfig, tokenizer: Any, loaded: LoadedData, train: list, counts: Counter
+) -> list[SourceReport]:
+    """Add ``pretraining_dataset``'s chunks to ``train`` (and their tokens to ``counts``);
+    the notes say how many rows were read. Returns the sources, with the rows read."""
+    from tunelab.data.pretraining import read_pretraining
+
+    read = read_pretraining(config, tokenizer)
+    train += read.chunks
+    _add_notes(loaded, read.notes)
+    tokens = sum(len(chunk["input_ids"]) for chunk in read.chunks)
+    counts.update(tokens=tokens, trained_tokens=tokens - len(read.chunks))
+    counts["pretraining_chunks"] += len(read.chunks)
+    return [SourceReport(name, "pretraining", n, None) for name, n in read.rows.items()]
 
 
 def truncation_notes(stats: dict[str, Any], sequence_len: int) -> list[str]:

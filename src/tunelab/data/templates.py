@@ -58,29 +58,104 @@ CHAT_TEMPLATES: dict[str, str] = {
 }
 
 
-def apply_chat_template(tokenizer: Any, choice: str | None) -> None:
-    """Give ``tokenizer`` the chosen template (a name or a Jinja file); check it has one and
-    that it compiles in the sandbox, so a broken template is named before any row renders."""
-    if choice is None:
-        if getattr(tokenizer, "chat_template", None) is None:
+# axolotl's names for other templates of its own: tunelab uses the model's own template for
+# them (the one the model family was trained with), as axolotl's ``tokenizer_default`` does.
+AXOLOTL_TEMPLATES = frozenset(
+    """aya cohere command_a command_a_rag command_a_tool_use deepseek_v2 deepseek_v3 exaone
+    exaone4 falcon_h1 gemma3n gemma4 gemma4_unified jamba llama3_2_vision llama4 llava metharme
+    mistral_v1 mistral_v2v3 mistral_v3_tekken mistral_v7_tekken nemotron_h phi_3 phi_35 phi_4
+    pixtral qwen2_vl qwen3 qwen3_5 qwen_25""".split()
+)
+SYNONYMS = {"gemma3": "gemma"}  # axolotl's name -> tunelab's template of the same layout
+MODELS_OWN_CHOICE = "tokenizer_default"
+FALLBACK_PREFIX = "tokenizer_default_fallback_"  # the model's own, else the named one
+
+
+def _has_template(tokenizer: Any) -> bool:
+    return getattr(tokenizer, "chat_template", None) is not None
+
+
+def _names() -> str:
+    return ", ".join([*CHAT_TEMPLATES, MODELS_OWN_CHOICE])
+
+
+def _use_models_own(tokenizer: Any, why: str | None = None) -> None:
+    if not _has_template(tokenizer):
+        raise DataError(
+            f"{why}, but the model's tokenizer has no chat template"
+            if why
+            else "the model's tokenizer has no chat template",
+            f"give the template's Jinja text (or file) as chat_template_jinja, or set "
+            f"chat_template to one of {', '.join(CHAT_TEMPLATES)}",
+        )
+    compile_chat_template(template_text(tokenizer))
+
+
+def _use_jinja(tokenizer: Any, jinja: str) -> None:
+    """``chat_template_jinja``: the template's text, or the path of a file holding it."""
+    text, where = jinja, "chat_template_jinja"
+    looks_like_path = "\n" not in jinja and "{{" not in jinja and "{%" not in jinja
+    if looks_like_path:
+        path = Path(jinja).expanduser()
+        if not path.is_file():
             raise DataError(
-                "the model's tokenizer has no chat template",
-                f"set chat_template to one of {', '.join(CHAT_TEMPLATES)} or a Jinja file",
+                f"chat_template_jinja '{jinja}': neither Jinja text nor an existing file",
+                "give the template's text (with {% ... %} / {{ ... }}) or the path of its file",
             )
-        compile_chat_template(template_text(tokenizer))
-        return
+        text, where = read_text(path), f"chat_template_jinja {path}"
+    tokenizer.chat_template = text
+    compile_chat_template(text, where)
+
+
+def apply_chat_template(tokenizer: Any, choice: str | None, jinja: str | None = None) -> list[str]:
+    """Give ``tokenizer`` the chosen template and check that it compiles in the sandbox, so a
+    broken template is named before any row renders. Returns notes for the user.
+
+    ``jinja`` (``chat_template_jinja``: text or a file) wins over ``choice``. ``choice`` is a
+    tunelab name, a Jinja file, or one of axolotl's names: ``tokenizer_default`` and axolotl's
+    names for model families' own templates (``qwen_25``, ``phi_3``, ...) mean the model's own
+    template; ``gemma3`` is tunelab's ``gemma``.
+    """
+    if jinja:
+        _use_jinja(tokenizer, jinja)
+        if choice in (None, "jinja", MODELS_OWN_CHOICE):
+            return []
+        return [f"chat_template '{choice}' is not used: chat_template_jinja wins over it"]
+    if choice == "jinja":
+        raise DataError(
+            "chat_template 'jinja' needs the template itself in chat_template_jinja",
+            "set chat_template_jinja to the template's text or the path of its file",
+        )
+    if choice is None or choice == MODELS_OWN_CHOICE:
+        _use_models_own(tokenizer, f"chat_template is '{choice}'" if choice else None)
+        return []
+    notes: list[str] = []
+    if choice.startswith(FALLBACK_PREFIX):
+        if _has_template(tokenizer):
+            compile_chat_template(template_text(tokenizer))
+            return []
+        choice = choice[len(FALLBACK_PREFIX) :]
+        notes.append(f"the model has no chat template of its own; using '{choice}'")
+    choice = SYNONYMS.get(choice, choice)
     if choice in CHAT_TEMPLATES:
         tokenizer.chat_template = CHAT_TEMPLATES[choice]
         compile_chat_template(tokenizer.chat_template, f"chat_template '{choice}'")
-        return
+        return notes
+    if choice in AXOLOTL_TEMPLATES:
+        why = f"chat_template '{choice}' is axolotl's name for a model family's own template"
+        _use_models_own(tokenizer, why)
+        model = getattr(tokenizer, "name_or_path", "") or "the model"
+        return [f"{why}; using the template of {model}"]
     path = Path(choice).expanduser()
     if not path.is_file():
         raise DataError(
             f"chat_template '{choice}': neither a known name nor a file",
-            f"use one of {', '.join(CHAT_TEMPLATES)}, or the path of a Jinja file",
+            f"use one of {_names()} (or an axolotl template name), the path of a Jinja file, "
+            "or chat_template_jinja",
         )
     tokenizer.chat_template = read_text(path)
     compile_chat_template(tokenizer.chat_template, f"chat_template {path}")
+    return notes
 
 
 _ENV = BoundedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
