@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,51 @@ def tiny_vlm(tiny_model_dir, tmp_path_factory):
     torch.manual_seed(0)
     LlavaForConditionalGeneration(config).save_pretrained(path)
     processor.save_pretrained(path)
+    return path
+
+
+# The special tokens of the families these configs were written for (their chat templates
+# and eot_tokens name them): the stand-in model knows them all, as the real models do.
+FAMILY_TOKENS = [
+    "<start_of_turn>", "<end_of_turn>", "<|begin_of_text|>", "<|start_header_id|>",
+    "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>", "<|finetune_right_pad_id|>",
+    "<|end|>", "<|user|>", "<|assistant|>", "<|system|>",
+]  # fmt: skip
+
+
+def _long_context(config: dict) -> None:
+    for part in (config, config.get("text_config") or {}):
+        if "max_position_embeddings" in part:
+            part["max_position_embeddings"] = 1 << 20
+
+
+@pytest.fixture(scope="session")
+def long_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with a long context (configs keep their own sequence_len) and the
+    special tokens of the model families the configs were written for."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("long-llama")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": FAMILY_TOKENS})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    _long_context(config)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def long_vlm_dir(tiny_vlm, tmp_path_factory) -> Path:
+    """The tiny image-text model with a long context."""
+    path = tmp_path_factory.mktemp("long-llava")
+    shutil.copytree(tiny_vlm, path, dirs_exist_ok=True)
+    config = json.loads((path / "config.json").read_text())
+    _long_context(config)
+    (path / "config.json").write_text(json.dumps(config))
     return path
 
 

@@ -10,7 +10,6 @@ training is not supported yet.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,8 @@ from tunelab.config import load_config
 from tunelab.config.keys import IGNORED, axolotl_keys, axolotl_top_keys
 from tunelab.config.schema import DatasetSource, TuneConfig
 from tunelab.errors import ConfigError
+
+from .conftest import _long_context
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "axolotl"
 CONFIGS = sorted(SHARED.glob("examples/*.y*ml")) + sorted(SHARED.glob("*.yml"))
@@ -47,51 +48,6 @@ IMAGE_TEXT = {
     "smolvlm2__smolvlm2-2B-lora.yaml",
 }
 LONG_TEXT = " ".join(["the user asked and the assistant answered"] * 40)
-
-
-# The special tokens of the families these configs were written for (their chat templates
-# and eot_tokens name them): the stand-in model knows them all, as the real models do.
-FAMILY_TOKENS = [
-    "<start_of_turn>", "<end_of_turn>", "<|begin_of_text|>", "<|start_header_id|>",
-    "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>", "<|finetune_right_pad_id|>",
-    "<|end|>", "<|user|>", "<|assistant|>", "<|system|>",
-]  # fmt: skip
-
-
-def _long_context(config: dict) -> None:
-    for part in (config, config.get("text_config") or {}):
-        if "max_position_embeddings" in part:
-            part["max_position_embeddings"] = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def long_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model with a long context (configs keep their own sequence_len) and the
-    special tokens of the model families the configs were written for."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = tmp_path_factory.mktemp("long-llama")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tokenizer.add_special_tokens({"additional_special_tokens": FAMILY_TOKENS})
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model.resize_token_embeddings(len(tokenizer))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    config = json.loads((path / "config.json").read_text())
-    _long_context(config)
-    (path / "config.json").write_text(json.dumps(config))
-    return path
-
-
-@pytest.fixture(scope="module")
-def long_vlm_dir(tiny_vlm, tmp_path_factory) -> Path:
-    """The tiny image-text model with a long context."""
-    path = tmp_path_factory.mktemp("long-llava")
-    shutil.copytree(tiny_vlm, path, dirs_exist_ok=True)
-    config = json.loads((path / "config.json").read_text())
-    _long_context(config)
-    (path / "config.json").write_text(json.dumps(config))
-    return path
 
 
 def _turn(entry: dict, role: str, content) -> dict:
@@ -174,8 +130,73 @@ def _validate(path: Path, capsys) -> tuple[int, str]:
     return code, captured.err
 
 
+# Configs whose settings name the modules or config of their own architecture get a tiny
+# random model of that architecture (SmolVLM's is Idefics3's; gpt-oss is stored in MXFP4).
+STAND_INS = {
+    "smolvlm2__smolvlm2-2B-lora.yaml": "idefics3",
+    "mistral__bigstral__bigstral-ds-zero3.yaml": "mixtral",
+    "gpt-oss__gpt-oss-20b-fft-deepspeed-zero3.yaml": "gpt_oss",
+    "gpt-oss__gpt-oss-20b-fft-fsdp2.yaml": "gpt_oss",
+    "gpt-oss__gpt-oss-20b-sft-lora-singlegpu.yaml": "gpt_oss",
+}
+_SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=1 << 20)  # fmt: skip
+
+
+def _text_stand_in(kind: str, path: Path, tokenizer_dir: Path) -> Path:
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        GptOssConfig,
+        GptOssForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    if kind == "mixtral":
+        config = MixtralConfig(vocab_size=len(tokenizer), num_local_experts=2, **_SMALL)
+        model = MixtralForCausalLM(config)
+    else:
+        config = GptOssConfig(vocab_size=len(tokenizer), head_dim=8, num_local_experts=4,
+                              num_experts_per_tok=2, **_SMALL)  # fmt: skip
+        model = GptOssForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if kind == "gpt_oss":  # its checkpoints are stored in MXFP4, which the configs dequantize
+        saved = json.loads((path / "config.json").read_text())
+        saved["quantization_config"] = {"quant_method": "mxfp4"}
+        (path / "config.json").write_text(json.dumps(saved))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stand_ins(long_model_dir, tiny_model_dir, tmp_path_factory):
+    """Tiny models of the architectures in STAND_INS, built when first asked for."""
+    built: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            path = tmp_path_factory.mktemp(kind)
+            if kind == "idefics3":
+                from .vlm_models import make_tiny_idefics3
+
+                make_tiny_idefics3(path, tiny_model_dir)
+                config = json.loads((path / "config.json").read_text())
+                _long_context(config)
+                (path / "config.json").write_text(json.dumps(config))
+            else:
+                _text_stand_in(kind, path, long_model_dir)
+            built[kind] = path
+        return built[kind]
+
+    return get
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_example_validates(path, tmp_path, long_model_dir, long_vlm_dir, images, capsys):
+def test_example_validates(path, tmp_path, long_model_dir, long_vlm_dir, stand_ins, images,
+                           capsys):  # fmt: skip
     config = yaml.safe_load(path.read_text())
     if path.name in PREFERENCE:
         with pytest.raises(ConfigError) as caught:
@@ -185,6 +206,8 @@ def test_example_validates(path, tmp_path, long_model_dir, long_vlm_dir, images,
         return
     image_text = path.name in IMAGE_TEXT
     model = long_vlm_dir if image_text else long_model_dir
+    if path.name in STAND_INS:
+        model = stand_ins(STAND_INS[path.name])
     ported = tmp_path / path.name
     media = "image" if image_text else "audio" if path.name in AUDIO else None
     ported.write_text(yaml.safe_dump(port(config, tmp_path, model, media, images)))

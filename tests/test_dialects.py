@@ -44,6 +44,7 @@ def test_no_adapter_is_lora_in_tunelab_and_full_in_axolotl(tmp_path, alpaca_file
     loaded = load_config(theirs)
     assert loaded.dialect == "axolotl" and loaded.config.adapter == "full"
     assert any("full fine-tuning" in n for n in loaded.notes)
+    assert "read as an axolotl config (it sets flash_attention, strict)" in loaded.notes
     # a flag that chooses the adapter wins, and the note about the default goes
     flagged = load_config(theirs, {"adapter": "lora"})
     assert flagged.config.adapter == "lora"
@@ -186,6 +187,17 @@ def test_llamafactory_yaml_is_mapped(tmp_path, tiny_model_dir, capsys):
     assert "8 samples" in err  # 10 rows, 2 held out
 
 
+def test_llamafactory_lora_target_all_is_every_linear_layer(tmp_path, tiny_model_dir):
+    folder = _registry(tmp_path)
+    path = _write(
+        tmp_path,
+        f"model_name_or_path: {tiny_model_dir}\ndataset: mine\ndataset_dir: {folder}\n"
+        "lora_target: all\n",
+    )
+    config = load_config(path).config
+    assert config.lora_target_linear and config.lora_targets == "all-linear"
+
+
 def test_llamafactory_keys_without_meaning_are_named(tmp_path, tiny_model_dir):
     _registry(tmp_path)
     base = (
@@ -197,3 +209,11 @@ def test_llamafactory_keys_without_meaning_are_named(tmp_path, tiny_model_dir):
     assert any(p.startswith("mask_history:") and "LLaMA-Factory" in p for p in problems)
     path.write_text(base + "stage: dpo\n")
     assert len(_problems(path)) == 1 and "stage: dpo" in _problems(path)[0]
+
+
+def test_a_hub_configuration_name_on_local_data_is_noted(alpaca_file):
+    from tunelab.data.prepare import load_examples
+
+    loaded = load_config(overrides={"datasets": [{"path": str(alpaca_file), "name": "en"}]})
+    notes = load_examples(loaded.config).notes
+    assert any("name 'en'" in n and "not used for local data" in n for n in notes)

@@ -125,7 +125,10 @@ def test_vision_rows_need_a_multimodal_model(tmp_path, tiny_tokenizer):
 
     sample = FORMATS["vision"].convert({"image": "a.png", "caption": "a cat"})
     assert isinstance(sample, VisionSample) and sample.images == ("a.png",)
-    assert sample.messages[1] == {"role": "assistant", "content": "a cat"}
+    assert sample.messages[1] == {
+        "role": "assistant",
+        "content": [{"type": "text", "text": "a cat"}],
+    }
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     (tmp_path / "d.json").write_text(json.dumps([{"image": "a.png", "caption": "a cat"}]))
     config = load_config(

@@ -84,6 +84,21 @@ def recognise(data: dict[str, Any], request: bool = False) -> str:
     return "tunelab"
 
 
+def dialect_note(data: dict[str, Any], dialect: str, request: bool = False) -> str | None:
+    """The note that says whose config a file was read as, and why."""
+    if dialect == "tunelab":
+        return None
+    if request:
+        return "read as an axolotl config: a RunPod request takes axolotl's schema"
+    if dialect == "llamafactory":
+        marks = sorted(set(data) & _LLAMAFACTORY_MARKS) or ["dataset"]
+        return f"read as a LLaMA-Factory training config (it sets {', '.join(marks[:4])})"
+    theirs = axolotl_top_keys() - _tunelab_keys()
+    marks = sorted(k for k in data if k in theirs and not is_empty(data[k]))
+    marks = marks or sorted(set(data) & theirs)  # only empty ones: still axolotl's keys
+    return f"read as an axolotl config (it sets {', '.join(marks[:4])})"
+
+
 def drop_empty(data: dict[str, Any]) -> dict[str, Any]:
     """A key left empty (``fp16:``) means its default: leave it out, also inside datasets."""
     out = {k: v for k, v in data.items() if v is not None}
@@ -286,7 +301,9 @@ def from_llamafactory(
     elif bits is not None:
         problems.append(f"quantization_bit: {bits} works only with finetuning_type: lora (4 or 8)")
     target = data.pop("lora_target", None)
-    if target is not None and _names(target) != ["all"]:
+    if target is not None and _names(target) == ["all"]:
+        out["lora_target_linear"] = True  # every linear layer, as in LLaMA-Factory
+    elif target is not None:
         out["lora_target_modules"] = _names(target)
     names = _names(data.pop("dataset", None))
     folder = Path(str(data.pop("dataset_dir", "data")))

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from tunelab.config.dialects import drop_empty, recognise, translate
+from tunelab.config.dialects import dialect_note, drop_empty, recognise, translate
 from tunelab.config.keys import (
     ALIASES,
     ENVELOPE_KEYS,
@@ -338,6 +338,9 @@ def load_config(
     raw = read_config_file(path) if path else {}
     data = unwrap_request(raw, notes)
     dialect = recognise(data, request=data is not raw)
+    note = dialect_note(data, dialect, request=data is not raw)
+    if note:
+        notes.append(note)
     data = drop_empty(data)
     data = translate(data, dialect, notes, problems, Path(path).parent if path else None)
     data = _rename_aliases(data, problems)

@@ -437,17 +437,17 @@ def text_to_text(row: dict[str, Any], column: str = "text") -> TextSample:
 
 
 def vision_row(row: dict[str, Any]) -> VisionSample:
-    """``image`` (a path, or a list of paths) + ``caption``; an optional ``prompt`` asks for it."""
+    """``image`` (a path, or a list of paths) + ``caption``; an optional ``prompt`` asks for it.
+    Both turns' content is given as parts, the form image-text chat templates read (some, like
+    SmolVLM's, render nothing of a plain string)."""
     images = row.get("image")
     paths = images if isinstance(images, list) else [images]
     if not paths or not all(isinstance(p, str) and p.strip() for p in paths):
         raise RowError("image", "must be an image file path (or a list of them)")
     prompt = text_field(row, "prompt", required=False) or "Describe the image."
     content = [{"type": "image"} for _ in paths] + [{"type": "text", "text": prompt}]
-    messages = [
-        {"role": "user", "content": content},
-        {"role": "assistant", "content": response_field(row, "caption")},
-    ]
+    caption = [{"type": "text", "text": response_field(row, "caption")}]
+    messages = [{"role": "user", "content": content}, {"role": "assistant", "content": caption}]
     return VisionSample(messages, tuple(paths))
 
 

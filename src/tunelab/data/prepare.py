@@ -304,7 +304,7 @@ def load_examples(config: TuneConfig, read_hub: bool = True) -> LoadedData:
     examples: list[Example] = []
     reports: list[SourceReport] = []
     for n, source in enumerate(config.datasets):
-        for table in expand(source.path, source.split, notes, read_hub):
+        for table in expand(source.path, source.split, notes, read_hub, source.name):
             if not table.rows and not (table.text or "").strip():
                 raise DataError(f"{table.name}: the dataset is empty (no rows)", "add examples")
             reduce_preferences(table)

@@ -183,8 +183,9 @@ def read_saved_dataset(path: Path, split: str) -> Table:
     return Table(str(path), _dataset_rows(ds))
 
 
-def read_hub(dataset_id: str, split: str) -> Table:
-    """A hub dataset split (needs network access to the hub, or a cached copy)."""
+def read_hub(dataset_id: str, split: str, name: str | None = None) -> Table:
+    """A hub dataset split, of configuration ``name`` if given (needs network access to the
+    hub, or a cached copy)."""
     import datasets
 
     try:
@@ -195,7 +196,7 @@ def read_hub(dataset_id: str, split: str) -> Table:
             "connect to the network, or download it and give a local file",
         ) from None
     try:
-        ds = datasets.load_dataset(source, split=split)
+        ds = datasets.load_dataset(source, name=name, split=split)
     except Exception as exc:  # the hub client raises many types; all mean "could not get it"
         raise DataError(
             f"could not load hub dataset '{dataset_id}' (split '{split}'): "
@@ -333,18 +334,23 @@ def _split_selector(path: str) -> tuple[str, list[str]]:
     return path, []
 
 
-def expand(path: str, split: str, notes: list[str], hub: bool = True) -> list[Table]:
+def expand(
+    path: str, split: str, notes: list[str], hub: bool = True, name: str | None = None
+) -> list[Table]:
     """All tables a ``datasets`` path names; a path that names nothing is an error.
 
-    With ``hub=False`` hub ids give no table (nothing is downloaded).
+    With ``hub=False`` hub ids give no table (nothing is downloaded). ``name`` is the
+    configuration of a hub dataset; for local data it is noted and not used.
     """
     tables: list[Table] = []
     for part in split_paths(path):
-        tables += _expand_one(part, split, notes, hub)
+        tables += _expand_one(part, split, notes, hub, name)
     return tables
 
 
-def _expand_one(part: str, split: str, notes: list[str], hub: bool) -> list[Table]:
+def _expand_one(
+    part: str, split: str, notes: list[str], hub: bool, name: str | None
+) -> list[Table]:
     part, names = _split_selector(part)
     p = Path(part).expanduser()
     if any(ch in part for ch in "*?["):
@@ -352,6 +358,10 @@ def _expand_one(part: str, split: str, notes: list[str], hub: bool) -> list[Tabl
         if not matches:
             raise DataError(f"'{part}': no files match this pattern")
         return [read_file(m) for m in matches]
+    if name is not None and (p.exists() or any(ch in part for ch in "*?[")):
+        notes.append(
+            f"{part}: name '{name}' (a hub dataset's configuration) is not used for local data"
+        )
     if p.is_file():
         if p.name == REGISTRY:
             return read_registry(p, names, notes)
@@ -376,4 +386,4 @@ def _expand_one(part: str, split: str, notes: list[str], hub: bool) -> list[Tabl
     if not hub:
         notes.append(f"{part}: hub dataset, read when training")
         return []
-    return [read_hub(dataset_id, hub_split or split)]
+    return [read_hub(dataset_id, hub_split or split, name)]

@@ -39,6 +39,54 @@ class Target:
     full: bool  # whole weights rather than an adapter
     run: Path | None  # the run directory it belongs to
     qlora: bool = False  # trained on a 4-bit base
+    trust_remote_code: bool = False  # the base ran its own Python code in training
+    attn_implementation: str | None = None  # the attention it trained with
+    new_tokens: bool = False  # it trained with tokens or special tokens of its own
+    ssmax: tuple[float, float] | None = None  # scaling_softmax's (s, b), when it trained so
+    embeddings_32x: bool = False  # resize_token_embeddings_to_32x
+    # overrides_of_model_config, and (model_quantization_config, its kwargs): how the base
+    # was loaded
+    config_overrides: dict[str, Any] | None = field(default=None, compare=False)
+    quantization: tuple[str, dict[str, Any] | None] | None = field(default=None, compare=False)
+
+
+def _run_settings(run: Path | None) -> dict[str, Any]:
+    """The settings a run trained with (its resolved config), as far as it recorded them."""
+    import yaml
+
+    if run is None:
+        return {}
+    layout = RunLayout(run)
+    settings = read_json(layout.info).get("config") if layout.info.is_file() else None
+    if not settings and layout.config.is_file():
+        settings = yaml.safe_load(layout.config.read_text(encoding="utf-8"))
+    return settings if isinstance(settings, dict) else {}
+
+
+def _loading(run: Path | None) -> dict[str, Any]:
+    """The Target fields that say how to load what ``run`` trained."""
+    from tunelab.train.ssmax import DEFAULT_BIAS, DEFAULT_FACTOR
+
+    settings = _run_settings(run)
+    factor, bias = settings.get("scaling_softmax_factor"), settings.get("scaling_softmax_bias")
+    quantization = settings.get("model_quantization_config")
+    return {
+        "trust_remote_code": settings.get("trust_remote_code") is True,
+        "attn_implementation": settings.get("attn_implementation"),
+        "new_tokens": bool(settings.get("special_tokens") or settings.get("tokens")),
+        "ssmax": (
+            (DEFAULT_FACTOR if factor is None else factor, DEFAULT_BIAS if bias is None else bias)
+            if settings.get("scaling_softmax") is True
+            else None
+        ),
+        "embeddings_32x": settings.get("resize_token_embeddings_to_32x") is True,
+        "config_overrides": settings.get("overrides_of_model_config") or None,
+        "quantization": (
+            (quantization, settings.get("model_quantization_config_kwargs"))
+            if quantization
+            else None
+        ),
+    }
 
 
 def _checkpoint_names(run: Path) -> list[str]:
@@ -141,10 +189,11 @@ def resolve_target(path: str | Path, checkpoint: str | None = None) -> Target:
         location = recorded if recorded and Path(recorded).is_dir() else None
         qlora = info.get("adapter") == "qlora"
         check_weights(where, full=False)
-        return Target(where, label, base, location, False, run, qlora)
+        return Target(where, label, base, location, False, run, qlora, **_loading(run))
     if (where / "config.json").is_file() and any((where / w).is_file() for w in _WEIGHTS):
         check_weights(where, full=True)
-        return Target(where, label, info.get("base_model") or str(where), None, True, run)
+        name = info.get("base_model") or str(where)
+        return Target(where, label, name, None, True, run, **_loading(run))
     hint = "give the output_dir of a finished `tunelab train` run"
     names = _checkpoint_names(run) if run else []
     if names:
@@ -227,12 +276,34 @@ class Loaded:
         return self.base
 
 
+def _attention(targets: list[Target], log) -> str | None:
+    """The attention the targets trained with, where this machine can use it."""
+    from tunelab.train.preflight import attention_problem
+
+    name = next((t.attn_implementation for t in targets if t.attn_implementation), None)
+    problem = attention_problem(name, detect_hardware())
+    if problem:
+        log(f"note: loaded with the model's default attention: {problem}")
+        return None
+    return name
+
+
 def _load_base(
-    name: str, location: str | None, bits: int | None, log, for_merge: bool = False
-) -> tuple[Any, str]:
+    name: str, location: str | None, bits: int | None, log, for_merge: bool = False,
+    trust_remote_code: bool = False, attention: str | None = None, like: Target | None = None,
+) -> tuple[Any, str]:  # fmt: skip
     """(model, its directory or hub id). ``for_merge`` keeps the weights' stored dtype,
-    on the CPU: merged weights should not lose precision to the GPU's bfloat16."""
-    from tunelab.train.models import is_multimodal, load_model, model_location
+    on the CPU: merged weights should not lose precision to the GPU's bfloat16.
+    ``trust_remote_code`` and ``attention`` are as the run trained with; so are the
+    config overrides, quantization and SSMax of ``like`` (the run whose base this is)."""
+    from tunelab.train.models import (
+        is_multimodal,
+        load_model,
+        model_location,
+        quantization_settings,
+        read_model_config,
+    )
+    from tunelab.train.ssmax import use_ssmax
 
     if location is None:
         problem = model_problem(name)
@@ -243,22 +314,33 @@ def _load_base(
     else:
         ref = resolve_model(location)
     quant = None if for_merge else quantization_for(bits)
+    if quant is None and like is not None and like.quantization and not like.full:
+        quant = quantization_settings(*like.quantization)  # e.g. Mxfp4Config(dequantize=True)
     dtype, device = ("auto", "cpu") if for_merge else _placement()
-    model = load_model(location, ref, dtype, quant, is_multimodal(location, ref))
-    if quant is None:  # a quantized model is already placed on the GPU
+    multimodal = is_multimodal(location, ref, trust_remote_code)
+    overrides = like.config_overrides if like is not None and not like.full else None
+    config = read_model_config(location, ref, trust_remote_code, overrides) if overrides else None
+    model = load_model(
+        location, ref, dtype, quant, multimodal, trust_remote_code, attention, config=config
+    )
+    if getattr(model, "hf_device_map", None) is None:  # else placed as it was loaded
         model = model.to(device)
+    if like is not None and like.ssmax:  # the attention is not part of the weights
+        use_ssmax(model, *like.ssmax)
     return model.eval(), location
 
 
 def _tokenizer(targets: list[Target], location: str) -> Any:
-    """The tokenizer a run saved (with the chat template it trained with), else the base's."""
+    """The tokenizer a run saved (with the chat template and tokens it trained with), else
+    the base's."""
     from tunelab.train.models import load_tokenizer
 
+    trust = any(t.trust_remote_code for t in targets)
     for t in targets:
         for folder in (t.run, t.path):
             if folder and (folder / "tokenizer_config.json").is_file():
-                return load_tokenizer(str(folder), resolve_model(str(folder)))
-    return load_tokenizer(location, resolve_model(location))
+                return load_tokenizer(str(folder), resolve_model(str(folder)), trust)
+    return load_tokenizer(location, resolve_model(location), trust)
 
 
 def load(
@@ -273,6 +355,8 @@ def load(
     ``bits`` says otherwise. ``for_merge`` loads full precision on the CPU.
     """
     import torch
+
+    from tunelab.train.models import fit_vocabulary, use_special_tokens
 
     adapters = [t for t in targets if not t.full]
     auto_4bit = any(t.qlora for t in adapters) and torch.cuda.is_available() and not for_merge
@@ -289,9 +373,18 @@ def load(
     location = adapters[0].base_location if adapters and not model else None
     labels = ([BASE] if with_base or not targets else []) + [t.label for t in targets]
     loaded = Loaded(None, base_name or "", labels)
+    trust = any(t.trust_remote_code for t in targets)
+    attention = _attention(targets, log)
     if base_name is not None:
-        loaded.base, location = _load_base(base_name, location, bits, log, for_merge)
+        loaded.base, location = _load_base(
+            base_name, location, bits, log, for_merge, trust, attention,
+            like=adapters[0] if adapters else None,
+        )  # fmt: skip
         loaded.base_name = base_name
+        loaded.tokenizer = _tokenizer(targets, location)
+        multiple = 32 if any(t.embeddings_32x for t in adapters) else None
+        if multiple or any(t.new_tokens for t in adapters):  # the base's shape as trained
+            fit_vocabulary(loaded.base, loaded.tokenizer, mean_resizing=False, multiple=multiple)
         for i, t in enumerate(adapters):
             recorded = read_json(t.path / "adapter_config.json").get("base_model_name_or_path")
             if recorded and not (same_model(recorded, location) or same_model(t.base, base_name)):
@@ -303,8 +396,16 @@ def load(
             loaded.adapters[t.label] = f"a{i}"
     for t in targets:
         if t.full:
-            loaded.whole[t.label], _ = _load_base(str(t.path), str(t.path), bits, log, for_merge)
-    loaded.tokenizer = _tokenizer(targets, location or str(targets[0].path))
+            loaded.whole[t.label], _ = _load_base(
+                str(t.path), str(t.path), bits, log, for_merge, t.trust_remote_code, attention,
+                like=t,
+            )  # fmt: skip
+    if loaded.tokenizer is None:
+        loaded.tokenizer = _tokenizer(targets, location or str(targets[0].path))
+    if any(t.new_tokens for t in targets):  # generation stops at the EOS it trained with
+        for each in [loaded.base, *loaded.whole.values()]:
+            if each is not None:
+                use_special_tokens(each, loaded.tokenizer)
     return loaded
 
 

@@ -36,7 +36,7 @@ def dry_run(loaded: LoadedConfig, log) -> dict[str, Any]:
         "precision": {"value": plan.precision, "from": "hardware"},
         "micro_batch_size": {"value": plan.micro_batch_size,
                              "from": rp.origins.get("micro_batch_size", "hardware")},
-        "gradient_checkpointing": {"value": plan.gradient_checkpointing,
+        "gradient_checkpointing": {"value": plan.checkpointing,
                                    "from": rp.origins.get("gradient_checkpointing", "hardware")},
     })  # fmt: skip
     return {

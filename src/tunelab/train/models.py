@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 from tunelab.config.locations import ModelRef
 from tunelab.config.schema import BUILTIN_MODEL
-from tunelab.errors import ModelError
+from tunelab.errors import ConfigError, ModelError
 from tunelab.files import staged_directory
 from tunelab.network import HubUnavailable, hub_or_cache
 from tunelab.train.builtin import builtin, gguf_path
@@ -111,6 +113,8 @@ def model_location(ref: ModelRef, log=print) -> str:
 
 
 def _load_error(location: str, ref: ModelRef, exc: Exception) -> ModelError:
+    if "trust_remote_code" in str(exc):  # a tokenizer or processor that ships its own code
+        return remote_code_error(location, "its tokenizer or processor")
     if ref.kind == "hub":
         return ModelError(
             f"could not load '{location}' from the Hugging Face Hub: {type(exc).__name__}: {exc}",
@@ -119,12 +123,28 @@ def _load_error(location: str, ref: ModelRef, exc: Exception) -> ModelError:
     return ModelError(f"{location}: cannot load the model: {type(exc).__name__}: {exc}")
 
 
-def load_tokenizer(location: str, ref: ModelRef) -> Any:
+def remote_code_error(location: str, where: str = "auto_map in config.json") -> ModelError:
+    return ModelError(
+        f"{location}: it runs its own Python code ({where}), and trust_remote_code is not set",
+        "set trust_remote_code: true if you trust it",
+    )
+
+
+def needs_remote_code(config_dict: dict[str, Any]) -> bool:
+    """Whether a model's config.json asks for the Python code it ships (``auto_map``) for an
+    architecture this transformers does not know. A known architecture that still lists its
+    own code (many do) loads with transformers' code, which runs nothing from the model."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return "auto_map" in config_dict and config_dict.get("model_type") not in CONFIG_MAPPING
+
+
+def load_tokenizer(location: str, ref: ModelRef, trust_remote_code: bool = False) -> Any:
     """The model's tokenizer, with a pad token (its EOS) if it has none."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise _load_error(location, ref, exc) from None
     if tokenizer.pad_token is None:
@@ -132,27 +152,68 @@ def load_tokenizer(location: str, ref: ModelRef) -> Any:
     return tokenizer
 
 
-def read_model_config(location: str, ref: ModelRef) -> Any:
-    """The model's config (architecture and sizes), without its weights."""
-    from transformers import AutoConfig
+def read_model_config(
+    location: str, ref: ModelRef, trust_remote_code: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> Any:  # fmt: skip
+    """The model's config (architecture and sizes), without its weights, with ``overrides``
+    (overrides_of_model_config) set on it. A model that needs its own Python code is refused
+    unless ``trust_remote_code`` (never a prompt)."""
+    from transformers import AutoConfig, PretrainedConfig
 
     try:
-        return AutoConfig.from_pretrained(location)
+        config_dict, _ = PretrainedConfig.get_config_dict(location)
     except Exception as exc:
         raise _load_error(location, ref, exc) from None
+    if not trust_remote_code and needs_remote_code(config_dict):
+        raise remote_code_error(location)
+    try:
+        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise _load_error(location, ref, exc) from None
+    problems = override_config(config, overrides or {})
+    if problems:
+        raise ConfigError(problems)
+    return config
 
 
-def is_multimodal(location: str, ref: ModelRef) -> bool:
+def override_config(
+    config: Any, overrides: dict[str, Any], where: str = "overrides_of_model_config"
+) -> list[str]:
+    """Set ``overrides`` on a model's config (a dict for a nested config, like text_config,
+    sets keys inside it); returns a problem for each key the config does not have."""
+    import difflib
+
+    from transformers import PretrainedConfig
+
+    problems = []
+    known = sorted(set(config.to_dict()) | set(getattr(config, "attribute_map", {})))
+    for key, value in overrides.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            problems.append(
+                f"{where}.{key}: the {config.model_type} model's config has no such setting"
+                + (f"; did you mean '{close[0]}'?" if close else "")
+            )
+        elif isinstance(value, dict) and isinstance(getattr(config, key), PretrainedConfig):
+            problems += override_config(getattr(config, key), value, f"{where}.{key}")
+        else:
+            setattr(config, key, value)
+    return problems
+
+
+def is_multimodal(location: str, ref: ModelRef, trust_remote_code: bool = False) -> bool:
     """Whether the model sees images (its config has a vision part)."""
-    return getattr(read_model_config(location, ref), "vision_config", None) is not None
+    config = read_model_config(location, ref, trust_remote_code)
+    return getattr(config, "vision_config", None) is not None
 
 
-def load_processor(location: str, ref: ModelRef) -> Any:
+def load_processor(location: str, ref: ModelRef, trust_remote_code: bool = False) -> Any:
     """A multimodal model's processor (tokenizer, image processor, chat template)."""
     from transformers import AutoProcessor
 
     try:
-        processor = AutoProcessor.from_pretrained(location)
+        processor = AutoProcessor.from_pretrained(location, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise _load_error(location, ref, exc) from None
     if processor.tokenizer.pad_token is None:
@@ -160,12 +221,84 @@ def load_processor(location: str, ref: ModelRef) -> Any:
     return processor
 
 
-def load_tokenizer_and_processor(location: str, ref: ModelRef, multimodal: bool) -> tuple[Any, Any]:
+def load_tokenizer_and_processor(
+    location: str, ref: ModelRef, multimodal: bool, trust_remote_code: bool = False
+) -> tuple[Any, Any]:
     """(tokenizer, processor); the processor is None for a text-only model."""
     if multimodal:
-        processor = load_processor(location, ref)
+        processor = load_processor(location, ref, trust_remote_code)
         return processor.tokenizer, processor
-    return load_tokenizer(location, ref), None
+    return load_tokenizer(location, ref, trust_remote_code), None
+
+
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
+                  "mask_token")  # fmt: skip
+
+
+def add_tokens(
+    tokenizer: Any, special_tokens: dict[str, str] | None, tokens: list[str] | None
+) -> list[str]:
+    """Set the tokenizer's ``special_tokens`` (a token already in the vocabulary just becomes
+    that special token) and add ``tokens`` to its vocabulary; returns the entries the
+    vocabulary gained."""
+    from tokenizers import AddedToken
+
+    unknown = sorted(set(special_tokens or {}) - set(SPECIAL_TOKENS))
+    if unknown:
+        raise ConfigError(
+            [f"special_tokens.{key}: not a special token; use {', '.join(SPECIAL_TOKENS)}"
+             for key in unknown]
+        )  # fmt: skip
+    before = set(tokenizer.get_vocab())
+    if special_tokens:
+        tokenizer.add_special_tokens(dict(special_tokens))
+    if tokens:  # matched in the raw text, as written
+        tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in tokens])
+    return sorted(set(tokenizer.get_vocab()) - before, key=tokenizer.convert_tokens_to_ids)
+
+
+def fit_vocabulary(
+    model: Any, tokenizer: Any, mean_resizing: bool = True, multiple: int | None = None
+) -> bool:
+    """Resize the model's embeddings (and output head) when the tokenizer outgrew them, or
+    to the next ``multiple`` of rows at or above the tokenizer's size
+    (resize_token_embeddings_to_32x); whether it did. New rows start at the mean of the
+    others (``mean_resizing``)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    wanted = math.ceil(len(tokenizer) / multiple) * multiple if multiple else len(tokenizer)
+    if wanted <= rows:
+        return False
+    model.resize_token_embeddings(
+        len(tokenizer), pad_to_multiple_of=multiple, mean_resizing=mean_resizing
+    )
+    return True
+
+
+def use_special_tokens(model: Any, tokenizer: Any) -> None:
+    """Give the model's config and generation config the tokenizer's BOS, EOS and pad tokens
+    (after special_tokens changed them): generation stops at the EOS token, and still at
+    those it stopped at before."""
+    config = model.config.get_text_config()
+    generation = getattr(model, "generation_config", None)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        token = getattr(tokenizer, name)
+        if token is None:
+            continue
+        for holder in (config, generation):
+            current = getattr(holder, name, None) if holder is not None else None
+            if name == "eos_token_id" and isinstance(current, list):
+                setattr(holder, name, [token, *(t for t in current if t != token)])
+            elif name == "eos_token_id" and holder is generation and current is not None:
+                setattr(holder, name, list(dict.fromkeys([token, current])))
+            elif holder is not None:
+                setattr(holder, name, token)
+
+
+def embedding_modules(model: Any) -> list[str]:
+    """The full names of the input embeddings and the output head (what new tokens need
+    trained)."""
+    wanted = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m}
+    return [name for name, module in model.named_modules() if id(module) in wanted]
 
 
 def bnb_config(bits: int, compute_dtype: Any = None) -> Any:
@@ -183,17 +316,74 @@ def bnb_config(bits: int, compute_dtype: Any = None) -> Any:
     )
 
 
+def quantization_classes() -> dict[str, type]:
+    """transformers' quantization config classes by name (what model_quantization_config
+    names)."""
+    from transformers.utils import quantization_config as module
+
+    return {
+        name: cls for name, cls in vars(module).items()
+        if name.endswith("Config") and inspect.isclass(cls)
+        and issubclass(cls, module.QuantizationConfigMixin)
+    }  # fmt: skip
+
+
+def quantization_settings(name: str, kwargs: dict[str, Any] | None = None) -> Any:
+    """The transformers quantization config ``name`` built with ``kwargs``
+    (model_quantization_config and its _kwargs), e.g. Mxfp4Config(dequantize=True).
+    An ImportError (a package the method needs) is left to the caller."""
+    classes = quantization_classes()
+    if name not in classes:
+        raise ConfigError(
+            [f"model_quantization_config: '{name}' is not a transformers quantization config; "
+             f"use one of {', '.join(sorted(classes))}"]
+        )  # fmt: skip
+    # the classes take **kwargs and drop what they do not know: refuse it instead
+    known = [
+        n for n, p in inspect.signature(classes[name].__init__).parameters.items()
+        if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]  # fmt: skip
+    unknown = sorted(set(kwargs or {}) - set(known))
+    if unknown:
+        raise ConfigError(
+            [f"model_quantization_config_kwargs.{key}: {name} has no such argument; it takes "
+             f"{', '.join(known) or 'none'}" for key in unknown]
+        )  # fmt: skip
+    try:
+        return classes[name](**(kwargs or {}))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            [f"model_quantization_config_kwargs: {name} does not accept {kwargs or {}}: {exc}"]
+        ) from None
+
+
 def load_model(
     location: str, ref: ModelRef, dtype: Any = None, quantization: Any = None,
-    multimodal: bool = False,
+    multimodal: bool = False, trust_remote_code: bool = False,
+    attn_implementation: str | None = None, config: Any = None, reinit: bool = False,
 ) -> Any:  # fmt: skip
-    """The language model (or image-text model), in ``dtype`` or quantized."""
+    """The language model (or image-text model), in ``dtype`` or quantized, with the
+    attention ``attn_implementation`` (default the model's own choice). ``config``: the
+    model's config to use instead of its own (with overrides_of_model_config set);
+    ``reinit``: weights freshly initialised from that config, none read (reinit_weights)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if quantization is not None:
-        kwargs.update(quantization_config=quantization, device_map={"": 0})
+        kwargs["quantization_config"] = quantization
+        if torch.cuda.is_available():  # a CPU-capable method (Mxfp4Config dequantize) stays here
+            kwargs["device_map"] = {"": 0}
     loader = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+    if reinit:
+        assert config is not None and quantization is None
+        return loader.from_config(config, **kwargs)
+    if config is not None:
+        kwargs["config"] = config
     try:
         return loader.from_pretrained(location, **kwargs)
     except Exception as exc:

@@ -7,10 +7,11 @@ problem is reported at once, each with its way out.
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass
 from typing import Literal
 
-from tunelab.config.schema import BNB_OPTIMIZERS, TuneConfig
+from tunelab.config.schema import BNB_OPTIMIZERS, TORCHAO_OPTIMIZERS, TuneConfig
 from tunelab.train.trackers import tracker_problems
 
 
@@ -42,6 +43,12 @@ class Plan:
     micro_batch_size: int
     gradient_checkpointing: bool
     reasons: tuple[str, ...]
+    offload_activations: bool = False  # checkpointed activations kept in CPU memory
+
+    @property
+    def checkpointing(self) -> bool | str:
+        """Gradient checkpointing as it runs: on, off or 'offload'."""
+        return "offload" if self.offload_activations else self.gradient_checkpointing
 
 
 def _has(module: str) -> bool:
@@ -52,6 +59,71 @@ def _hub_token() -> str | None:
     from huggingface_hub import get_token
 
     return get_token()
+
+
+# Flash attention: transformers uses the package when it is installed, else fetches the same
+# kernel from the Hub with the `kernels` package.
+FLASH_PACKAGES = {
+    "flash_attention_2": ("flash_attn", "flash-attn"),
+    "flash_attention_3": ("flash_attn_interface", "flash-attn-3"),
+    "flash_attention_4": ("flash_attn", "flash-attn-4"),
+}
+ATTENTION_NAMES = ("eager", "sdpa", "flex_attention", *FLASH_PACKAGES)
+_HUB_KERNEL = re.compile(r"[^/:@]+/[^/:@]+(@[^/:@]+)?(:[^/:@]+)?")
+
+
+def is_hub_kernel(name: str) -> bool:
+    """Whether ``name`` is an attention kernel on the Hub, like 'kernels-community/flash-attn2'."""
+    return _HUB_KERNEL.fullmatch(name) is not None
+
+
+def attention_problem(name: str | None, hw: Hardware) -> str | None:
+    """What keeps attention ``name`` from running on ``hw``, with its way out; else None."""
+    if name in FLASH_PACKAGES:
+        module, package = FLASH_PACKAGES[name]
+        if hw.device != "cuda":
+            return (
+                f"attn_implementation: {name} needs a CUDA GPU (and {package} or the kernels "
+                "package); this machine has none (use sdpa here)"
+            )
+        if not (_has(module) or _has("kernels")):
+            return (
+                f"attn_implementation: {name} needs {package}: pip install {package} (or pip "
+                "install kernels, to fetch it from the Hugging Face Hub)"
+            )
+    elif name is not None and is_hub_kernel(name):
+        if hw.device != "cuda":
+            return (
+                f"attn_implementation: {name} is a Hub kernel and needs a CUDA GPU (and the "
+                "kernels package); this machine has none (use sdpa here)"
+            )
+        if not _has("kernels"):
+            return f"attn_implementation: {name} needs the kernels package: pip install kernels"
+    return None
+
+
+def quantization_problem(config: TuneConfig, hw: Hardware) -> str | None:
+    """What keeps model_quantization_config from loading here (a GPU, a package), in
+    transformers' own words; None when nothing does, or when the config itself is wrong
+    (planning reports that)."""
+    name = config.model_quantization_config
+    if not name:
+        return None
+    from transformers.quantizers import AutoHfQuantizer
+
+    from tunelab.errors import ConfigError
+    from tunelab.train.models import quantization_settings
+
+    try:
+        settings = quantization_settings(name, config.model_quantization_config_kwargs)
+        # a model's stored quantization is what these settings usually read (gpt-oss: mxfp4)
+        quantizer = AutoHfQuantizer.from_config(settings, pre_quantized=True)
+        quantizer.validate_environment(device_map={"": 0} if hw.device == "cuda" else None)
+    except ConfigError:
+        return None
+    except (ImportError, RuntimeError, ValueError) as exc:
+        return f"model_quantization_config: {name} cannot load on this machine: {exc}"
+    return None
 
 
 def hardware_problems(config: TuneConfig, hw: Hardware) -> list[str]:
@@ -74,6 +146,17 @@ def hardware_problems(config: TuneConfig, hw: Hardware) -> list[str]:
         )
     elif needs_bnb and not _has("bitsandbytes"):
         problems.append(f"{what} needs bitsandbytes: pip install 'tunelab[gpu]'")
+    if config.optimizer in TORCHAO_OPTIMIZERS and not gpu:
+        problems.append(
+            f"optimizer: {config.optimizer} needs a CUDA GPU with torchao; this machine has none "
+            "(use optimizer: adamw_torch here)"
+        )
+    elif config.optimizer in TORCHAO_OPTIMIZERS and not _has("torchao"):
+        problems.append(f"optimizer: {config.optimizer} needs torchao: pip install torchao")
+    for problem in (attention_problem(config.attn_implementation, hw),
+                    quantization_problem(config, hw)):  # fmt: skip
+        if problem:
+            problems.append(problem)
     if config.fp16 and not gpu:
         problems.append("fp16: float16 training needs a CUDA GPU; set fp16: false")
     if config.bf16 is True and not hw.bf16:
@@ -115,5 +198,10 @@ def machine_plan(config: TuneConfig, hw: Hardware) -> Plan:
         where = "needed for memory" if checkpointing else "memory suffices"
         reasons.append(f"gradient_checkpointing {'on' if checkpointing else 'off'} ({where})")
     else:
-        checkpointing = config.gradient_checkpointing
-    return Plan(hw, precision, batch, checkpointing, tuple(reasons))
+        checkpointing = bool(config.gradient_checkpointing)  # True, False or "offload"
+    offload = config.gradient_checkpointing == "offload"
+    if offload and not gpu:  # and pinned memory needs an accelerator
+        offload = False
+        reasons.append("gradient_checkpointing on, not offloaded (on a CPU the activations are "
+                       "in CPU memory already)")  # fmt: skip
+    return Plan(hw, precision, batch, checkpointing, tuple(reasons), offload)

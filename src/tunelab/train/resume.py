@@ -21,12 +21,17 @@ RUN_KEYS = (
     "seed", "val_set_size", "max_examples", "sequence_len", "chat_template", "train_on_inputs",
     "sample_packing", "excess_length_strategy", "dataset_exact_deduplication",
     "gradient_accumulation_steps", "circular", "max_circular_epochs", "group_by_length",
+    "special_tokens", "tokens", "unfrozen_parameters", "reinit_weights",
+    "resize_token_embeddings_to_32x", "overrides_of_model_config", "model_quantization_config",
+    "model_quantization_config_kwargs", "scaling_softmax", "scaling_softmax_factor",
+    "scaling_softmax_bias",
 )  # fmt: skip
 # The optimizer and the learning-rate schedule are restored from the checkpoint as they
 # were, so a resumed run cannot take other values for these: they are refused, not ignored.
 SCHEDULE_KEYS = (
     "lr_scheduler", "warmup_steps", "warmup_ratio", "optimizer", "weight_decay",
-    "max_grad_norm", "max_steps", "num_epochs",
+    "max_grad_norm", "max_steps", "num_epochs", "lr_scheduler_kwargs", "cosine_min_lr_ratio",
+    "adam_beta1", "adam_beta2", "adam_epsilon",
 )  # fmt: skip
 
 
@@ -37,6 +42,9 @@ def fingerprint(config: TuneConfig, sources: list[Any], batch: int) -> dict[str,
         "lora_r": config.lora_r,
         "lora_alpha": config.lora_alpha_value,
         "lora_target_modules": config.lora_targets,
+        "lora_modules_to_save": config.lora_modules_to_save,
+        "peft_use_dora": config.peft_use_dora,
+        "peft_use_rslora": config.peft_use_rslora,
     }  # fmt: skip
     return {
         "base_model": config.base_model,

@@ -33,7 +33,7 @@ from tunelab.redact import redact, redact_data, redacted_output
 from tunelab.train import artifacts
 from tunelab.train.card import base_record, model_card
 from tunelab.train.checkpoints import CheckpointCallback, EpochSeedCallback, StopOnSignal
-from tunelab.train.models import load_model
+from tunelab.train.models import fit_vocabulary, load_model, use_special_tokens
 from tunelab.train.plan import plan_run
 from tunelab.train.preflight import Plan
 from tunelab.train.resume import (
@@ -54,6 +54,7 @@ from tunelab.train.rundir import (
     recover_swap,
     write_json,
 )
+from tunelab.train.ssmax import ssmax_settings, use_ssmax
 from tunelab.train.stopping import StoppingRules, thresholds
 from tunelab.train.trackers import tracker_environment
 from tunelab.train.trainer import (
@@ -124,7 +125,14 @@ def _now() -> str:
 def _save_weights(model: Any, tokenizer: Any, layout: RunLayout) -> None:
     """Adapter (or full model) and tokenizer, moved into the run dir file by file."""
     staging = temporary_directory(layout.root, "weights")
-    model.save_pretrained(staging)
+    # Embeddings the adapter trains in full (new tokens) are saved as its own copy; peft
+    # would also save the resized base layers beside it, for nothing but size.
+    from peft.utils import ModulesToSaveWrapper
+
+    if isinstance(model.get_input_embeddings(), ModulesToSaveWrapper):
+        model.save_pretrained(staging, save_embedding_layers=False)
+    else:
+        model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     move_into(staging, layout.root)
 
@@ -143,7 +151,7 @@ def _info(config: TuneConfig, plan: Plan, data: PreparedData, model: Any, **extr
             "lora_target_modules": config.lora_targets if config.adapter != "full" else None,
             "micro_batch_size": plan.micro_batch_size,
             "precision": plan.precision,
-            "gradient_checkpointing": plan.gradient_checkpointing,
+            "gradient_checkpointing": plan.checkpointing,
             "device": plan.hardware.name,
         },
         "parameters": {"trainable": trainable, "total": total},
@@ -192,10 +200,22 @@ def prepare(
     config, plan = rp.config, rp.plan
     current = fingerprint(config, rp.data.sources, plan.micro_batch_size)
     point = resume_point(RunLayout(output_dir), current, resume_from) if resume else None
+    set_seed(config.seed)  # reinit_weights draws the weights
+    changed = config.overrides_of_model_config or config.reinit_weights
     model = load_model(
         rp.location, rp.ref, torch_dtype(plan, config), quantization(config, plan),
-        rp.processor is not None,
+        rp.processor is not None, config.trust_remote_code, config.attn_implementation,
+        config=rp.model_config if changed else None, reinit=config.reinit_weights,
     )  # fmt: skip
+    multiple = 32 if config.resize_token_embeddings_to_32x else None
+    if fit_vocabulary(model, rp.tokenizer, multiple=multiple):
+        rows = model.get_input_embeddings().weight.shape[0]
+        log(f"note: embeddings resized to {rows} rows (the tokenizer has {len(rp.tokenizer)})")
+    ssmax = ssmax_settings(config)
+    if ssmax:
+        use_ssmax(model, *ssmax)
+    if config.special_tokens:
+        use_special_tokens(model, rp.tokenizer)
     samples = [Sample(p, generate(model, rp.tokenizer, p)) for p in sample_prompts]
     set_seed(config.seed)
     model = build_adapter(model, config, plan)
@@ -258,9 +278,10 @@ def fit(
     args = training_arguments(
         prep.config, prep.plan, layout, prep.steps, prep.per_epoch, bool(prep.data.eval), images
     )
+    pad_to = prep.config.sequence_len if prep.config.pad_to_sequence_len else None
     trainer = build_trainer(
         prep.model, prep.tokenizer, args, prep.data.train, prep.data.eval, callbacks,
-        prep.processor, cycles,
+        prep.processor, cycles, pad_to,
     )  # fmt: skip
     saved_env = {k: os.environ.get(k) for k in tracker_environment(prep.config, layout.root)}
     os.environ.update(tracker_environment(prep.config, layout.root))
@@ -273,9 +294,12 @@ def fit(
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         step = trainer.state.global_step
         stopped = stopper.received is not None or rules.reason is not None
-        if prep.data.eval and args.eval_strategy == "steps" and step % args.eval_steps:
-            if not stopped:
-                trainer.evaluate()  # the validation loss of the weights being saved
+        # the validation loss of the weights being saved, when no evaluation gave it (with
+        # evals_per_epoch 0 the only one)
+        between = args.eval_strategy == "steps" and step % args.eval_steps
+        unevaluated = between or (args.eval_strategy == "no" and not prep.config.circular)
+        if prep.data.eval and unevaluated and not stopped:
+            trainer.evaluate()
     finally:
         writer.close()
         for key, value in saved_env.items():  # leave the environment as it was

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from tunelab.config.schema import TuneConfig
-from tunelab.train.models import bnb_config
+from tunelab.train.models import bnb_config, quantization_settings
 from tunelab.train.preflight import Plan
 from tunelab.train.rundir import RunLayout
 from tunelab.train.trackers import trackers
+from tunelab.train.unfrozen import train_only
 
 
 def torch_dtype(plan: Plan, config: TuneConfig) -> Any:
@@ -22,7 +25,12 @@ def torch_dtype(plan: Plan, config: TuneConfig) -> Any:
 
 
 def quantization(config: TuneConfig, plan: Plan) -> Any:
-    """4-bit NF4 settings for QLoRA, 8-bit for load_in_8bit, else None."""
+    """4-bit NF4 settings for QLoRA, 8-bit for load_in_8bit, the model_quantization_config
+    asked for, else None."""
+    if config.model_quantization_config:
+        return quantization_settings(
+            config.model_quantization_config, config.model_quantization_config_kwargs
+        )
     if config.load_in_8bit and config.adapter == "lora":
         return bnb_config(8)
     if config.adapter != "qlora":
@@ -32,7 +40,76 @@ def quantization(config: TuneConfig, plan: Plan) -> Any:
     return bnb_config(4, torch.bfloat16 if plan.precision == "bf16" else torch.float16)
 
 
-VISION_MODULES = r".*(vision_tower|vision_model|visual|multi_modal_projector|mm_projector).*"
+# an image-text model's vision side: its vision tower and the projector (connector) into text
+VISION_MODULES = (
+    r".*(vision_tower|vision_model|visual|multi_modal_projector|mm_projector|connector).*"
+)
+
+# transformers 5 moved an image-text model's parts under ``model``: (name now, in transformers 4)
+_RENAMED = (
+    ("model.language_model.", "language_model.model."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head", "language_model.lm_head"),
+)
+
+
+def old_name(name: str) -> tuple[str, str, str] | None:
+    """(the name module ``name`` had in transformers 4's image-text layout, the part of it
+    that changed then, and now); None for a name that did not change."""
+    for now, before in _RENAMED:
+        if name == now or (now.endswith(".") and name.startswith(now)):
+            return before + name[len(now) :], before, now
+    return None
+
+
+@dataclass(frozen=True)
+class RenamedTargets:
+    """The modules a lora_target_modules regex written for transformers 4's names matches
+    under those names: their names now, and the parts of the names that changed."""
+
+    names: list[str]
+    before: list[str]  # e.g. ["language_model.model."]
+    now: list[str]  # e.g. ["model.language_model."]
+
+    def note(self) -> str:
+        def layout(parts: list[str]) -> str:
+            return ", ".join(f"{p}*" if p.endswith(".") else p for p in parts)
+
+        return (
+            f"lora_target_modules was written for transformers 4's layout "
+            f"({layout(self.before)}); it matches {len(self.names)} layers under their names "
+            f"now ({layout(self.now)})"
+        )
+
+
+def renamed_targets(model: Any, targets: list[str] | str) -> RenamedTargets | None:
+    """For a regular expression (``targets``) that matches no module of ``model``, but
+    matches some under their transformers 4 names: those modules (with the vision side of
+    an image-text model left out, as LoRA leaves it); else None."""
+    if not isinstance(targets, str) or targets == "all-linear":
+        return None
+    try:
+        regex = re.compile(targets)
+    except re.error:
+        return None  # peft says what is wrong with it
+    names = [name for name, _ in model.named_modules() if name]
+    if any(regex.fullmatch(name) for name in names):
+        return None
+    vision = getattr(model.config, "vision_config", None) is not None
+    matched: dict[str, tuple[str, str]] = {}
+    for name in names:
+        renamed = old_name(name)
+        if renamed is None or not regex.fullmatch(renamed[0]):
+            continue
+        if not (vision and re.fullmatch(VISION_MODULES, name)):
+            matched[name] = renamed[1:]
+    if not matched:
+        return None
+    renames = [(now, before) for now, before in _RENAMED if (before, now) in matched.values()]
+    return RenamedTargets(
+        sorted(matched), [before for _, before in renames], [now for now, _ in renames]
+    )
 
 
 def lora_settings(model: Any, config: TuneConfig) -> Any:
@@ -45,25 +122,55 @@ def lora_settings(model: Any, config: TuneConfig) -> Any:
         saved.inference_mode = False
         return saved
     vision = getattr(model.config, "vision_config", None) is not None
+    optional: dict[str, Any] = {}
+    if config.lora_fan_in_fan_out is not None:
+        optional["fan_in_fan_out"] = config.lora_fan_in_fan_out
+    modules_to_save = list(config.lora_modules_to_save or []) or None
+    targets = config.lora_targets
+    renamed = renamed_targets(model, targets)
+    if renamed:  # the modules it meant, by their full names now
+        targets = renamed.names
     return LoraConfig(
         # on an image-text model only the language part is adapted
         exclude_modules=VISION_MODULES if vision else None,
         r=config.lora_r,
         lora_alpha=config.lora_alpha_value,
         lora_dropout=config.lora_dropout,
-        target_modules=config.lora_targets,
+        target_modules=targets,  # a str is a regular expression over full names
+        modules_to_save=modules_to_save,
+        # a trained copy of tied embeddings stays tied to the output head, and back
+        ensure_weight_tying=bool(modules_to_save) and ties_embeddings(model),
+        use_rslora=config.peft_use_rslora,
+        use_dora=config.peft_use_dora,
         task_type="CAUSAL_LM",
+        **optional,
     )
 
 
+def ties_embeddings(model: Any) -> bool:
+    """Whether the output head shares its weights with the input embeddings."""
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
 def build_adapter(model: Any, config: TuneConfig, plan: Plan, weights: bool = True) -> Any:
-    """Wrap ``model`` with a LoRA adapter (or leave it whole for full fine-tuning).
+    """Wrap ``model`` with a LoRA adapter (or leave it whole for full fine-tuning), then
+    freeze what unfrozen_parameters leaves out.
 
     ``weights=False`` only shapes the adapter (for a model on the meta device): a continued
     adapter's weights are not read and nothing is prepared for quantized training.
     """
-    if config.adapter == "full":
-        return model
+    if config.adapter != "full":
+        model = _with_lora(model, config, plan, weights)
+    if config.unfrozen_parameters:
+        train_only(model, config.unfrozen_parameters, adapter=config.adapter != "full")
+        if weights and config.adapter == "full" and plan.gradient_checkpointing:
+            # frozen embeddings give reentrant checkpointing inputs without gradients
+            model.enable_input_require_grads()
+    return model
+
+
+def _with_lora(model: Any, config: TuneConfig, plan: Plan, weights: bool) -> Any:
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if weights and (config.adapter == "qlora" or config.load_in_8bit):
@@ -108,6 +215,37 @@ SCHEDULER_KWARGS = {
 }
 
 
+def schedule(config: TuneConfig) -> tuple[str, dict[str, Any] | None]:
+    """transformers' scheduler type and its arguments: tunelab's defaults, under the user's
+    ``lr_scheduler_kwargs``. ``cosine_min_lr_ratio`` makes cosine end at that share of the
+    peak (transformers' cosine_with_min_lr)."""
+    name = config.lr_scheduler
+    kwargs: dict[str, Any] = {}
+    if config.cosine_min_lr_ratio is not None and name in ("cosine", "cosine_with_min_lr"):
+        name = "cosine_with_min_lr"
+        kwargs["min_lr_rate"] = config.cosine_min_lr_ratio
+    kwargs = {**SCHEDULER_KWARGS.get(name, {}), **kwargs, **(config.lr_scheduler_kwargs or {})}
+    return name, kwargs or None
+
+
+def checkpointing_kwargs(config: TuneConfig, plan: Plan) -> dict[str, Any] | None:
+    """What activation checkpointing is enabled with: non-reentrant unless the user says,
+    and with ``offload`` the saved activations kept in (pinned) CPU memory."""
+    if not plan.gradient_checkpointing:
+        return None
+    kwargs = {"use_reentrant": False, **(config.gradient_checkpointing_kwargs or {})}
+    if plan.offload_activations:
+        kwargs["offload"] = True
+    elif plan.hardware.device == "cpu":
+        kwargs.pop("offload", None)  # pinned memory needs an accelerator; nothing to move here
+    return kwargs
+
+
+def _adam(config: TuneConfig) -> dict[str, float]:
+    names = ("adam_beta1", "adam_beta2", "adam_epsilon")
+    return {name: getattr(config, name) for name in names if getattr(config, name) is not None}
+
+
 def training_arguments(
     config: TuneConfig, plan: Plan, layout: RunLayout, steps: int, per_epoch: int,
     has_eval: bool, images: bool = False,
@@ -124,6 +262,8 @@ def training_arguments(
         warmup = config.warmup_ratio if config.warmup_ratio is not None else int(0.03 * horizon)
     logging_steps = config.logging_steps or max(1, horizon // 50)
     eval_strategy, eval_steps = "no", config.eval_steps
+    if config.evals_per_epoch == 0 and not eval_steps:
+        has_eval = False  # no evaluation during training (the run evaluates once at the end)
     if has_eval and not eval_steps and config.evals_per_epoch:
         eval_steps = max(1, epoch // config.evals_per_epoch)
     if has_eval:
@@ -139,10 +279,11 @@ def training_arguments(
         save_strategy, save_steps = eval_strategy, eval_steps
     if config.circular:  # one scheduled batch per step, read in order; see circular.py
         keep_best, eval_strategy, save_strategy = False, "no", "steps" if save_steps else "no"
+    scheduler, scheduler_kwargs = schedule(config)
     return TrainingArguments(
         output_dir=str(layout.checkpoints),
         per_device_train_batch_size=1 if config.circular else plan.micro_batch_size,
-        per_device_eval_batch_size=plan.micro_batch_size,
+        per_device_eval_batch_size=config.eval_batch_size or plan.micro_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         train_sampling_strategy=(
             "sequential"
@@ -154,10 +295,11 @@ def training_arguments(
         num_train_epochs=config.num_epochs,
         max_steps=steps if config.circular else (config.max_steps or -1),
         learning_rate=config.learning_rate_value,
-        lr_scheduler_type=config.lr_scheduler,
-        lr_scheduler_kwargs=SCHEDULER_KWARGS.get(config.lr_scheduler),
+        lr_scheduler_type=scheduler,
+        lr_scheduler_kwargs=scheduler_kwargs,
         warmup_steps=warmup,
         optim=config.optimizer,
+        **_adam(config),
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         eval_strategy=eval_strategy,
@@ -175,9 +317,7 @@ def training_arguments(
         fp16=plan.precision == "fp16",
         tf32=config.tf32 or None,
         activation_checkpointing=plan.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False}
-        if plan.gradient_checkpointing
-        else None,
+        activation_checkpointing_kwargs=checkpointing_kwargs(config, plan),
         use_cpu=plan.hardware.device == "cpu",
         include_num_input_tokens_seen="all" if config.sample_packing else "non_padding",
         prediction_loss_only=True,
@@ -210,9 +350,10 @@ class PackedRowsCollator:
 
 def build_trainer(
     model: Any, tokenizer: Any, args: Any, train: list, evaluation: list, callbacks: list,
-    processor: Any = None, cycles: list[list[int]] | None = None,
+    processor: Any = None, cycles: list[list[int]] | None = None, pad_to: int | None = None,
 ) -> Any:  # fmt: skip
-    """A transformers Trainer whose only console output is tunelab's own callbacks."""
+    """A transformers Trainer whose only console output is tunelab's own callbacks.
+    ``pad_to``: pad every batch of token rows to this length (pad_to_sequence_len)."""
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, ProgressCallback, Trainer
 
@@ -223,10 +364,16 @@ def build_trainer(
 
         collator: Any = VisionCollator(processor)
     elif is_packed(train):
-        flash = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
-        collator = PackedRowsCollator(flash)
+        # flash attention (a package or a Hub kernel) takes the samples' bounds directly
+        from tunelab.train.ssmax import wrapped_attention
+
+        attention = getattr(model.config, "_attn_implementation", None) or ""
+        collator = PackedRowsCollator("flash" in wrapped_attention(attention))
     else:
-        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        collator = DataCollatorForSeq2Seq(
+            tokenizer, padding="max_length" if pad_to else True, max_length=pad_to,
+            label_pad_token_id=-100,
+        )  # fmt: skip
     train_rows = train
     if cycles is not None:
         from tunelab.train.circular import CycleCollator
