@@ -156,7 +156,7 @@ def test_text_reads_the_named_field(tmp_path, tokenizer):
 
 
 def test_raw_reads_the_named_field_with_no_hard_cut(tmp_path, tokenizer):
-    # axolotl's type completion: raw text of a field, no overlap, no newline favour, no hard cut
+    # text-generation-webui's raw text: chunks end with no EOS; hard_cut_string cuts the text
     text = "one\n\n\ntwo"
     data = write_jsonl(tmp_path / "r.jsonl", [{"doc": text}])
     source = {"path": str(data), "type": "raw", "field": "doc", "hard_cut_string": ""}
@@ -164,6 +164,145 @@ def test_raw_reads_the_named_field_with_no_hard_cut(tmp_path, tokenizer):
     assert [tokenizer.decode(i["input_ids"]) for i in items] == [text]  # not cut at "\n\n\n"
     cut = prepare_data(config(datasets=[{**source, "hard_cut_string": "\n\n\n"}]), tokenizer)
     assert sorted(tokenizer.decode(i["input_ids"]) for i in cut.train) == ["one", "two"]
+
+
+# --- chunked_text (axolotl's type completion) and pretrain ---------------------------------------
+
+LONG_DOC = " ".join(f"the cat is on the mat {i}." for i in range(12))
+
+
+def bos_tokenizer(tiny_model_dir):
+    """The tiny tokenizer, made to put a BOS token (<|im_start|>) in front of text."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    bos = "<|im_start|>"
+    bos_id = tok.convert_tokens_to_ids(bos)
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A",
+                                                       special_tokens=[(bos, bos_id)])  # fmt: skip
+    tok.bos_token = bos
+    return tok
+
+
+def axolotl_completion(tokenizer, text, sequence_len):
+    """axolotl's CompletionPromptTokenizingStrategy: _tokenize (truncation at
+    sequence_len * 64, EOS appended unless already last or at max_length), then slices of
+    sequence_len tokens; labels are the ids."""
+    max_length = sequence_len * 64
+    ids = tokenizer(text, truncation=True, max_length=max_length, padding=False)["input_ids"]
+    if ids[-1] != tokenizer.eos_token_id and len(ids) < max_length:
+        ids = ids + [tokenizer.eos_token_id]
+    return [ids[i : i + sequence_len] for i in range(0, len(ids), sequence_len)]
+
+
+def axolotl_pretrain(tokenizer, text, sequence_len):
+    """axolotl's PretrainTokenizationStrategy: the tokenizer's overflowing windows, each
+    + EOS; labels are the ids."""
+    res = tokenizer(
+        text, truncation=True, max_length=sequence_len - 1, add_special_tokens=True,
+        return_overflowing_tokens=True, stride=min(256, (sequence_len - 1) // 2),
+    )  # fmt: skip
+    return [seq + [tokenizer.eos_token_id] for seq in res["input_ids"]]
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_chunked_text_is_axolotls_completion(tmp_path, tiny_model_dir, bos):
+    from transformers import AutoTokenizer
+
+    tok = bos_tokenizer(tiny_model_dir) if bos else AutoTokenizer.from_pretrained(tiny_model_dir)
+    data = write_jsonl(tmp_path / "c.jsonl", [{"body": LONG_DOC}])
+    source = {"path": str(data), "type": "chunked_text", "field": "body"}
+    prepared = prepare_data(config(datasets=[source], sequence_len=16), tok)
+    expected = axolotl_completion(tok, LONG_DOC, 16)
+    assert len(expected) > 2 and len(expected[-1]) < 16  # several slices; the last is short
+    assert [item["input_ids"] for item in prepared.train] == expected
+    assert all(item["labels"] == item["input_ids"] for item in prepared.train)
+    # consecutive slices, no overlap, of the text's ids (after the BOS, if any) and EOS
+    whole = tok(LONG_DOC)["input_ids"] + [tok.eos_token_id]
+    assert [t for item in prepared.train for t in item["input_ids"]] == whole
+    assert (whole[0] == tok.bos_token_id) is bos
+    assert prepared.stats["truncated"] == 0
+
+
+def test_chunked_text_eos_only_where_axolotl_adds_it(tmp_path, tokenizer):
+    rows = [{"text": "one\n\n\ntwo"}, {"text": "ends with its own EOS<|im_end|>"}, {"text": ""}]
+    data = write_jsonl(tmp_path / "c.jsonl", rows)
+    prepared = prepare_data(config(datasets=[{"path": str(data), "type": "chunked_text"}]),
+                            tokenizer)  # fmt: skip
+    # no hard cut, one EOS at the end, none added after an EOS already there, none for ""
+    assert [tokenizer.decode(item["input_ids"]) for item in prepared.train] == [
+        "one\n\n\ntwo<|im_end|>",
+        "ends with its own EOS<|im_end|>",
+    ]
+    assert [item["input_ids"] for item in prepared.train] == [
+        axolotl_completion(tokenizer, row["text"], 2048)[0] for row in rows[:2]
+    ]
+
+
+def test_chunked_text_is_cut_at_64_sequence_lens(tmp_path, tokenizer):
+    text = " ".join(["the cat is on the mat"] * 200)  # over 8 * 64 = 512 tokens
+    data = write_jsonl(tmp_path / "c.jsonl", [{"text": text}])
+    prepared = prepare_data(
+        config(datasets=[{"path": str(data), "type": "chunked_text"}], sequence_len=8), tokenizer
+    )
+    whole = len(tokenizer(text)["input_ids"])
+    assert [item["input_ids"] for item in prepared.train] == axolotl_completion(tokenizer, text, 8)
+    assert len(prepared.train) == 64  # 512 tokens, with no EOS: axolotl adds none at the limit
+    assert prepared.train[-1]["input_ids"][-1] != tokenizer.eos_token_id
+    assert prepared.stats["truncated"] == 1
+    assert prepared.stats["truncated_tokens"] == whole - 512
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_pretrain_is_axolotls_strided_windows(tmp_path, tiny_model_dir, bos):
+    from transformers import AutoTokenizer
+
+    tok = bos_tokenizer(tiny_model_dir) if bos else AutoTokenizer.from_pretrained(tiny_model_dir)
+    data = write_jsonl(tmp_path / "p.jsonl", [{"text": LONG_DOC}])
+    prepared = prepare_data(config(datasets=[{"path": str(data), "type": "pretrain"}],
+                                   sequence_len=16), tok)  # fmt: skip
+    assert tok.backend_tokenizer.truncation is None  # as it was: not kept from the windows
+    expected = axolotl_pretrain(tok, LONG_DOC, 16)
+    assert len(expected) > 2
+    assert [item["input_ids"] for item in prepared.train] == expected
+    assert all(item["labels"] == item["input_ids"] for item in prepared.train)
+    assert all(len(ids) <= 16 and ids[-1] == tok.eos_token_id for ids in expected)
+    if bos:  # every window starts with the BOS token
+        assert all(ids[0] == tok.bos_token_id for ids in expected)
+    else:  # neighbours share stride = min(256, 15 // 2) = 7 tokens
+        assert expected[0][-1 - 7 : -1] == expected[1][:7]
+
+
+def test_chunked_text_and_pretrain_pack_dedupe_cache_and_inspect(tmp_path, tokenizer):
+    from tunelab.data.inspect import report
+
+    rows = [{"text": LONG_DOC}, {"text": "a short one"}, {"text": LONG_DOC}]
+    chunked = write_jsonl(tmp_path / "c.jsonl", rows)
+    pretrain = write_jsonl(tmp_path / "p.jsonl", rows)
+    cfg = config(
+        datasets=[{"path": str(chunked), "type": "chunked_text"},
+                  {"path": str(pretrain), "type": "pretrain"}],
+        sequence_len=16, sample_packing=True, dataset_prepared_path=str(tmp_path / "prep"),
+    )  # fmt: skip
+    loaded = load_examples(cfg)
+    assert loaded.duplicates == 2  # the same text, once per type
+    first = prepare_data(cfg, tokenizer, loaded)
+    samples = [ids for row in first.train for ids in row["input_ids"]]
+    expected = [
+        *axolotl_completion(tokenizer, LONG_DOC, 16),
+        *axolotl_completion(tokenizer, "a short one", 16),
+        *axolotl_pretrain(tokenizer, LONG_DOC, 16),
+        *axolotl_pretrain(tokenizer, "a short one", 16),
+    ]
+    assert sorted(samples) == sorted(expected)
+    assert first.stats["train_samples"] == len(expected) and "packed_rows" in first.stats
+    assert [s.format for s in first.sources] == ["chunked_text", "pretrain"]
+    again = prepare_data(cfg, tokenizer, loaded)
+    assert again.train == first.train
+    assert any(n.startswith("reused the prepared dataset") for n in again.notes)
+    shown = report(first, tokenizer, 50)["examples"]
+    assert all(len(ex["segments"]) == 1 and ex["segments"][0]["trained"] for ex in shown)
 
 
 # --- chat_template masks --------------------------------------------------------------------------
@@ -360,19 +499,40 @@ def test_pretraining_reads_only_what_max_steps_needs(tmp_path, tokenizer):
     assert loaded.examples == []
     prepared = prepare_data(cfg, tokenizer, loaded)
     assert prepared.eval == []  # never held out
-    assert len(prepared.train) == 3 * 2 * 2
-    assert all(len(c["input_ids"]) == 16 and c["labels"] == c["input_ids"] for c in prepared.train)
-    # the chunks are the documents, each ended by EOS, one after another
-    stream = [t for c in prepared.train for t in c["input_ids"]]
-    expected, rows = [], 0
-    while len(expected) < len(stream):
-        expected += tokenizer(docs[rows], add_special_tokens=False)["input_ids"]
-        expected.append(tokenizer.eos_token_id)
-        rows += 1
-    assert stream == expected[: len(stream)]
+    rows = 3 * 2 * 2
+    assert len(prepared.train) == rows
+    # as axolotl's type pretrain: each document its own sample (short ones one window), + EOS
+    assert [c["input_ids"] for c in prepared.train] == [
+        w for doc in docs[:rows] for w in axolotl_pretrain(tokenizer, doc, 16)
+    ]
+    assert all(c["labels"] == c["input_ids"] for c in prepared.train)
     note = next(n for n in loaded.notes if n.startswith("pretraining_dataset: read"))
     assert f"read {rows} rows" in note and "the rest is not read" in note
     assert prepared.sources[-1].rows == rows
+
+
+def test_pretraining_long_documents_are_strided_windows(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": LONG_DOC}, {"text": ""}, {"text": "x y"}])
+    cfg = config(pretraining_dataset=[{"path": str(path)}], max_steps=100, sequence_len=16)
+    prepared = prepare_data(cfg, tokenizer)
+    expected = axolotl_pretrain(tokenizer, LONG_DOC, 16) + axolotl_pretrain(tokenizer, "x y", 16)
+    # the empty row's lone EOS is dropped, as axolotl drops samples under 2 tokens
+    assert [c["input_ids"] for c in prepared.train] == expected
+    assert prepared.stats["pretraining_chunks"] == len(expected)
+    assert any("fewer than the 100 rows" in n for n in prepared.notes)
+
+
+def test_pretraining_with_packing_reads_tokens_to_fill_the_rows(tmp_path, tokenizer):
+    docs = [f"the cat is on the mat {i}" for i in range(500)]
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": d} for d in docs])
+    cfg = config(pretraining_dataset=[{"path": str(path)}], max_steps=3, sequence_len=32,
+                 sample_packing=True)  # fmt: skip
+    prepared = prepare_data(cfg, tokenizer)
+    windows = prepared.stats["pretraining_chunks"]
+    assert 3 < windows < 500  # several short documents to a row
+    assert prepared.stats["packed_rows"] >= 3
+    # reading stops at the window that brings the tokens to 3 rows' worth
+    assert 3 * 32 <= prepared.stats["train_tokens"] < 3 * 32 + 32
 
 
 def test_pretraining_beside_datasets_and_from_a_text_file(tmp_path, tokenizer):
@@ -385,10 +545,10 @@ def test_pretraining_beside_datasets_and_from_a_text_file(tmp_path, tokenizer):
     )  # fmt: skip
     prepared = prepare_data(cfg, tokenizer)
     assert len(prepared.train) == 1 + 2
-    chunks = [c for c in prepared.train if c["labels"] == c["input_ids"]]
-    assert tokenizer.decode(chunks[0]["input_ids"] + chunks[1]["input_ids"]).startswith(
-        "line one\nline two\nline"
-    )
+    chunks = [c["input_ids"] for c in prepared.train if c["labels"] == c["input_ids"]]
+    # the whole file is one document: its first two windows
+    assert chunks == axolotl_pretrain(tokenizer, text.read_text(), 32)[:2]
+    assert tokenizer.decode(chunks[0]).startswith("line one\nline two\nline")
     assert prepared.stats["pretraining_chunks"] == 2
 
 
@@ -588,8 +748,8 @@ def test_min_sample_len_dropping_everything_names_it(tmp_path, tokenizer):
         ({"roles": {"user": ["human"]}}, "datasets.0.roles applies to type chat_template only"),
         ({"field_thinking": "why"}, "datasets.0.field_thinking applies to type chat_template"),
         ({"drop_system_message": True}, "datasets.0.drop_system_message applies to type chat_"),
-        ({"field": "body"}, "datasets.0.field applies to types raw and text only; ignored for "
-         "alpaca"),
+        ({"field": "body"}, "datasets.0.field applies to types raw, text, chunked_text and "
+         "pretrain only; ignored for alpaca"),
         ({"prompt_style": "chat"}, "datasets.0.prompt_style applies to types alpaca_prompt and "
          "jeopardy only; ignored for alpaca"),
     ],

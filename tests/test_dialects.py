@@ -63,7 +63,7 @@ def test_axolotl_alpaca_is_the_alpaca_prompt_and_completion_is_chunked_text(tmp_
     )
     first, second, third = load_config(path).config.datasets
     assert first.type == "alpaca_prompt" and first.prompt_style == "instruct"
-    assert (second.type, second.field, second.overlap_len) == ("raw", "body", 0)
+    assert (second.type, second.field) == ("chunked_text", "body")
     assert third.prompt_style == "chat"
     # tunelab's own alpaca rows still go through the model's chat template
     ours = load_config(overrides={"datasets": [{"path": str(data), "type": "alpaca"}]})
@@ -217,3 +217,79 @@ def test_a_hub_configuration_name_on_local_data_is_noted(alpaca_file):
     loaded = load_config(overrides={"datasets": [{"path": str(alpaca_file), "name": "en"}]})
     notes = load_examples(loaded.config).notes
     assert any("name 'en'" in n and "not used for local data" in n for n in notes)
+
+
+def test_an_axolotl_prompt_format_not_supported_is_said_once(tmp_path, alpaca_file):
+    path = _write(tmp_path, f"strict: false\ndatasets:\n  - path: {alpaca_file}\n    type: oasst\n")
+    problems = _problems(path)
+    assert len(problems) == 1
+    assert problems[0].startswith("datasets.0.type: axolotl's prompt format 'oasst' is not")
+
+
+def test_absent_keys_take_the_dialects_defaults(tmp_path, alpaca_file, tiny_model_dir):
+    """What a file leaves out means what its own tool does without it."""
+    theirs = _write(tmp_path, f"strict: false\nadapter: lora\ndatasets:\n  - path: {alpaca_file}\n")
+    loaded = load_config(theirs)
+    config = loaded.config
+    assert (config.val_set_size, config.num_epochs, config.micro_batch_size) == (0.0, 1.0, 1)
+    assert (config.sequence_len, config.lora_dropout, config.optimizer) == (
+        512, 0.0, "adamw_torch_fused",
+    )  # fmt: skip
+    assert config.excess_length_strategy == "drop" and not config.dataset_exact_deduplication
+    assert loaded.origins["num_epochs"] == "axolotl's default"
+    assert any(
+        n.startswith("axolotl's defaults for what the file leaves out") for n in loaded.notes
+    )
+    # what the file gives, and flags, win
+    given = load_config(theirs, {"num_epochs": 2}, ["sequence_len=256"]).config
+    assert (given.num_epochs, given.sequence_len) == (2, 256)
+    ours = load_config(overrides={"datasets": [{"path": str(alpaca_file)}]}).config
+    assert (ours.val_set_size, ours.num_epochs) == (0.1, 3.0)  # tunelab's own
+
+    folder = _registry(tmp_path)
+    lf = _write(
+        tmp_path,
+        f"model_name_or_path: {tiny_model_dir}\ndataset: mine\ndataset_dir: {folder}\n",
+        "lf.yaml",
+    )
+    loaded = load_config(lf)
+    config = loaded.config
+    assert (config.learning_rate, config.lr_scheduler, config.micro_batch_size) == (
+        5e-5, "linear", 8,
+    )  # fmt: skip
+    assert config.lora_target_linear and config.val_set_size == 0.0 and config.warmup_steps == 0
+    assert loaded.origins["learning_rate"] == "LLaMA-Factory's default"
+
+
+def test_llamafactory_max_samples_is_per_dataset(tmp_path, tiny_model_dir):
+    folder = _registry(tmp_path)
+    write_json(
+        folder / "other.json", [{"instruction": f"Say {i}.", "output": f"{i}!"} for i in range(20)]
+    )
+    info = json.loads((folder / "dataset_info.json").read_text())
+    write_json(folder / "dataset_info.json", {**info, "other": {"file_name": "other.json"}})
+    lf = _write(
+        tmp_path,
+        f"model_name_or_path: {tiny_model_dir}\ndataset: mine,other\ndataset_dir: {folder}\n"
+        "max_samples: 5\n",
+        "lf.yaml",
+    )
+    from tunelab.data.prepare import load_examples
+
+    config = load_config(lf).config
+    assert [d.max_examples for d in config.datasets] == [5, 5]
+    assert len(load_examples(config).examples) == 10
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("flash_attention: 'yes'\n", "flash_attention: must be true or false"),
+        ("attention: 5\n", "attention: must be a name"),
+        ("datasets:\n  - path: x\n    type: {field_instruction: a}\n", "custom prompt formats"),
+    ],
+)
+def test_axolotl_values_of_the_wrong_kind_are_named(tmp_path, alpaca_file, text, problem):
+    body = text if "datasets" in text else f"datasets:\n  - path: {alpaca_file}\n" + text
+    path = _write(tmp_path, "strict: false\n" + body)
+    assert any(problem in p for p in _problems(path))

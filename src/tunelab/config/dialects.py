@@ -16,10 +16,10 @@ Each translation says what it did in a note when the meaning is not obvious.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from tunelab.config.keys import ALIASES, PREFERENCE_KEYS, axolotl_top_keys, is_empty
-from tunelab.config.schema import TuneConfig
+from tunelab.config.schema import DatasetType, TuneConfig
 from tunelab.errors import ConfigError
 
 # axolotl's attention switches -> transformers' attn_implementation
@@ -45,11 +45,44 @@ _ATTENTION_NAMES = {
 _AXOLOTL_TYPES: dict[str, tuple[str, dict[str, Any]]] = {
     "alpaca": ("alpaca_prompt", {}),
     "jeopardy": ("jeopardy", {}),
-    "completion": ("raw", {"overlap_len": 0, "newline_favor_len": 0, "hard_cut_string": ""}),
-    "pretrain": ("raw", {"overlap_len": 0, "newline_favor_len": 0, "hard_cut_string": ""}),
+    "completion": ("chunked_text", {}),
+    "pretrain": ("pretrain", {}),
     "chat_template": ("chat_template", {}),
     "sharegpt": ("sharegpt", {}),
 }
+# What axolotl 0.19.0 does for a key a config leaves out, where tunelab's default differs
+# (its schema, axolotl/utils/schemas/: micro_batch_size 1, sequence_len 512, ...; an absent
+# excess_length_strategy drops long samples, an absent dataset_exact_deduplication keeps
+# duplicates).
+AXOLOTL_DEFAULTS: dict[str, Any] = {
+    "val_set_size": 0.0,
+    "num_epochs": 1.0,
+    "sequence_len": 512,
+    "micro_batch_size": 1,
+    "lora_dropout": 0.0,
+    "dataset_exact_deduplication": False,
+    "excess_length_strategy": "drop",
+    "group_by_length": False,
+    "gradient_checkpointing": False,
+    "optimizer": "adamw_torch_fused",
+}
+# What LLaMA-Factory (on transformers' TrainingArguments) does for a key a config leaves out,
+# where tunelab's default differs. lora_target's default, all linear layers, is set apart.
+LLAMAFACTORY_DEFAULTS: dict[str, Any] = {
+    "val_set_size": 0.0,
+    "num_epochs": 3.0,
+    "learning_rate": 5e-5,
+    "lr_scheduler": "linear",
+    "lora_dropout": 0.0,
+    "micro_batch_size": 8,
+    "dataset_exact_deduplication": False,
+    "group_by_length": False,
+    "gradient_checkpointing": True,
+    "bf16": False,
+}
+# The key under which a translated config carries {key: origin} for the defaults it filled
+# in; load_config takes it out before validating.
+FILLED = "__filled__"
 _PREFERENCE_TYPES = ("dpo", "ipo", "orpo", "kto", "simpo", "grpo", "gdpo", "ebft", "cpo")
 
 
@@ -131,12 +164,34 @@ def preference_problem(data: dict[str, Any]) -> str | None:
     )
 
 
+def _fill_defaults(
+    data: dict[str, Any], defaults: dict[str, Any], who: str, notes: list[str]
+) -> dict[str, Any]:
+    """The keys ``data`` leaves out, set to ``who``'s defaults (named in one note, and in
+    :data:`FILLED` of the result, for where each setting came from)."""
+    given = {ALIASES.get(k, k) for k in data}
+    filled = {k: v for k, v in defaults.items() if k not in given}
+    if "warmup_steps" in filled and "warmup_ratio" in data:
+        filled.pop("warmup_steps")
+    if filled:
+        notes.append(
+            f"{who}'s defaults for what the file leaves out: "
+            + ", ".join(f"{k} {v}" for k, v in filled.items())
+        )
+    return {**data, **filled, FILLED: {k: f"{who}'s default" for k in filled}}
+
+
 def _attention(data: dict[str, Any], problems: list[str]) -> None:
     chosen: dict[str, str] = {}
     for flag, name in _ATTENTION_FLAGS.items():
-        if data.pop(flag, None) is True:
+        value = data.pop(flag, None)
+        if value is True:
             chosen[flag] = name
+        elif value not in (None, False):
+            problems.append(f"{flag}: must be true or false (got {value!r})")
     word = data.pop("attention", None)
+    if word is not None and not isinstance(word, str):
+        problems.append(f"attention: must be a name such as flash or sdpa (got {word!r})")
     if isinstance(word, str):
         if word not in _ATTENTION_NAMES:
             problems.append(f"attention: unknown choice '{word}'; use one of "
@@ -158,6 +213,12 @@ def _attention(data: dict[str, Any], problems: list[str]) -> None:
 def _axolotl_dataset(entry: dict[str, Any], where: str, problems: list[str]) -> dict[str, Any]:
     entry = dict(entry)
     kind = entry.get("type")
+    if isinstance(kind, dict):
+        entry.pop("type")  # said here, once
+        problems.append(
+            f"{where}.type: axolotl's custom prompt formats (a type given as a mapping) are "
+            "not supported yet; write the layout as a data_template instead (see Data)"
+        )
     if isinstance(kind, str):
         base, _, style = kind.partition(":")
         if base in _AXOLOTL_TYPES:
@@ -168,15 +229,17 @@ def _axolotl_dataset(entry: dict[str, Any], where: str, problems: list[str]) -> 
             if style:
                 entry["prompt_style"] = style
         elif base.split(".")[0] in _PREFERENCE_TYPES or "." in base:
+            entry.pop("type")  # said here, once
             problems.append(
                 f"{where}.type: '{kind}' is one of axolotl's preference-data formats; "
                 "tunelab trains supervised fine-tuning only (not supported yet)"
             )
         else:
+            own = ", ".join(t for t in get_args(DatasetType) if t not in _AXOLOTL_TYPES)
+            entry.pop("type")  # said here, once
             problems.append(
                 f"{where}.type: axolotl's prompt format '{kind}' is not supported yet; "
-                "tunelab reads alpaca, jeopardy, completion, pretrain, chat_template, "
-                "sharegpt and its own types (see `tunelab help train`)"
+                f"use one of axolotl's {', '.join(_AXOLOTL_TYPES)} or tunelab's {own}"
             )
     for old, new in (("message_field_role", "role"), ("message_field_content", "content")):
         if old in entry:
@@ -185,7 +248,7 @@ def _axolotl_dataset(entry: dict[str, Any], where: str, problems: list[str]) -> 
             entry["message_property_mappings"] = mapping
     if "text_column" in entry:
         entry.setdefault("field", entry.pop("text_column"))
-    if entry.get("type") == "raw":
+    if entry.get("type") in ("chunked_text", "pretrain"):
         entry.setdefault("field", "text")
     return entry
 
@@ -236,7 +299,7 @@ def from_axolotl(data: dict[str, Any], notes: list[str], problems: list[str]) ->
             "test_datasets: a separate validation set is not supported yet; "
             "use val_set_size to hold out part of datasets"
         )
-    return data
+    return _fill_defaults(data, AXOLOTL_DEFAULTS, "axolotl", notes)
 
 
 # LLaMA-Factory template names that are tunelab's own
@@ -294,14 +357,22 @@ def from_llamafactory(
     else:
         problems.append(f"finetuning_type: '{finetuning}' is not supported yet; use lora or full")
     bits = data.pop("quantization_bit", None)
-    if bits == 4 and out.get("adapter") == "lora":
+    if isinstance(bits, str) and bits.strip().isdigit():
+        bits = int(bits)
+    if bits not in (None, 4, 8):
+        problems.append(f"quantization_bit: use 4 or 8 (got {bits!r})")
+    elif bits == 4 and out.get("adapter") == "lora":
         out["adapter"] = "qlora"
     elif bits == 8 and out.get("adapter") == "lora":
         out["load_in_8bit"] = True
     elif bits is not None:
         problems.append(f"quantization_bit: {bits} works only with finetuning_type: lora (4 or 8)")
-    target = data.pop("lora_target", None)
-    if target is not None and _names(target) == ["all"]:
+    target = data.pop("lora_target", "all")  # LLaMA-Factory's default: every linear layer
+    if not _names(target):
+        problems.append(
+            f"lora_target: give 'all' or layer names like q_proj,v_proj (got {target!r})"
+        )
+    elif _names(target) == ["all"]:
         out["lora_target_linear"] = True  # every linear layer, as in LLaMA-Factory
     elif target is not None:
         out["lora_target_modules"] = _names(target)
@@ -311,13 +382,16 @@ def from_llamafactory(
         if (source_dir / folder).exists():
             folder = source_dir / folder
     max_samples = data.pop("max_samples", None)
-    if names:
-        entry: dict[str, Any] = {"path": f"{folder / 'dataset_info.json'}:{','.join(names)}"}
+    entries = []
+    for name in names:  # one entry each: max_samples applies to each dataset
+        entry: dict[str, Any] = {"path": f"{folder / 'dataset_info.json'}:{name}"}
         if stage == "pt":
             entry["type"] = "text"
         if max_samples:
             entry["max_examples"] = max_samples
-        out["datasets"] = [entry]
+        entries.append(entry)
+    if entries:
+        out["datasets"] = entries
     template = data.pop("template", None)
     if isinstance(template, str) and template:
         if template in _LF_TEMPLATES:
@@ -344,7 +418,12 @@ def from_llamafactory(
         notes.append(
             "LLaMA-Factory keys with no effect here, ignored: " + ", ".join(sorted(ignored))
         )
-    return out
+    defaults = dict(LLAMAFACTORY_DEFAULTS)
+    if not {"warmup_ratio", "warmup_steps"} & set(out):
+        defaults["warmup_steps"] = 0
+    if out.get("adapter") == "full":  # no LoRA settings to fill in
+        defaults.pop("lora_dropout")
+    return _fill_defaults(out, defaults, "LLaMA-Factory", notes)
 
 
 def translate(

@@ -81,17 +81,21 @@ IGNORED: dict[str, str] = {
         use_comet comet_api_key comet_workspace comet_project_name comet_experiment_key
         comet_mode comet_online comet_experiment_config use_trackio trackio_project_name
         trackio_run_name trackio_space_id mlflow_run_name auto_resume_from_checkpoints
-        resume_from_checkpoint merge_lora merge_method total_num_tokens
-        total_supervised_tokens torchdistx_path tokenizer_use_fast tokenizer_legacy
-        tokenizer_use_mistral_common""".split(),
+        merge_lora merge_method total_num_tokens total_supervised_tokens torchdistx_path
+        tokenizer_use_fast tokenizer_use_mistral_common""".split(),
         _TOOLING,
     ),
     **dict.fromkeys(
         """model_type tokenizer_type processor_type type_of_model is_falcon_derived_model
-        is_llama_derived_model is_qwen_derived_model is_mistral_derived_model
-        trainer_cls""".split(),
+        is_llama_derived_model is_qwen_derived_model is_mistral_derived_model""".split(),
         _LOADING,
     ),
+}
+
+# The way out for refused keys that have one in tunelab.
+REFUSED_HINTS: dict[str, str] = {
+    "resume_from_checkpoint": "to continue a run, use `tunelab train CONFIG --resume`",
+    "trainer_cls": "tunelab trains with its own trainer; a custom trainer class cannot be used",
 }
 
 # Preference and reward training: one clear answer, never a list of unknown keys.

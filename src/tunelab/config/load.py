@@ -15,12 +15,13 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from tunelab.config.dialects import dialect_note, drop_empty, recognise, translate
+from tunelab.config.dialects import FILLED, dialect_note, drop_empty, recognise, translate
 from tunelab.config.keys import (
     ALIASES,
     ENVELOPE_KEYS,
     IGNORED,
     IGNORED_DATASET_KEYS,
+    REFUSED_HINTS,
     SECRETS,
     axolotl_keys,
     axolotl_top_keys,
@@ -155,9 +156,10 @@ def _rename_aliases(data: dict[str, Any], problems: list[str]) -> dict[str, Any]
 
 
 def _refused(key: str, value: Any) -> str:
+    hint = REFUSED_HINTS.get(key.rsplit(".", 1)[-1], "remove it to train without it")
     return (
         f"{key}: axolotl's '{key}' (set to {json.dumps(value, default=str)}) is not supported "
-        "yet, and training without it would train something else; remove it to train without it"
+        f"yet, and training without it would train something else; {hint}"
     )
 
 
@@ -343,8 +345,9 @@ def load_config(
         notes.append(note)
     data = drop_empty(data)
     data = translate(data, dialect, notes, problems, Path(path).parent if path else None)
+    filled = data.pop(FILLED, {})
     data = _rename_aliases(data, problems)
-    origins = {key: "file" for key in data}
+    origins = {key: filled.get(key, "file") for key in data}
     flagged = [(k, v, "flag") for k, v in (overrides or {}).items()]
     for key, value, origin in flagged + [(*parse_set(s), "--set") for s in sets or []]:
         head, _, rest = key.partition(".")

@@ -30,6 +30,8 @@ DatasetType = Literal[
     "vision",
     "alpaca_prompt",
     "jeopardy",
+    "chunked_text",
+    "pretrain",
 ]
 PromptStyle = Literal["instruct", "chat", "chatml", "phi"]
 EosRule = Literal["turn", "all", "last", "none"]
@@ -256,8 +258,8 @@ class DataSection(_Strict):
     )
     pretraining_dataset: list[DatasetSource] | None = Field(
         None,
-        description="Text streamed for pre-training (needs max_steps); rows are chunked to "
-        "sequence_len and all trained.",
+        description="Text streamed for pre-training (needs max_steps): each document in "
+        "windows ending with EOS (as type pretrain), all trained.",
     )
     default_system_message: str | None = Field(
         None, description="System message for conversations that have none."

@@ -26,13 +26,21 @@ DATA_KEYS = (
 PRETRAINING_KEYS = ("max_steps", "micro_batch_size", "gradient_accumulation_steps")
 
 
+def _backend_text(backend: Any) -> str:
+    """The fast tokenizer's JSON without the truncation and padding of its last call."""
+    spec = json.loads(backend.to_str())
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    return json.dumps(spec, sort_keys=True)
+
+
 def cache_key(config: TuneConfig, sources: list[Any], tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     keys = DATA_KEYS + (PRETRAINING_KEYS if config.pretraining_dataset else ())
     parts = {
         "config": {k: config.model_dump(mode="json")[k] for k in keys},
         "sources": [(s.path, s.format, s.rows, s.sha256) for s in sources],
-        "tokenizer": hashlib.sha256(backend.to_str().encode()).hexdigest()
+        "tokenizer": hashlib.sha256(_backend_text(backend).encode()).hexdigest()
         if backend
         else repr(tokenizer),
         "chat_template": getattr(tokenizer, "chat_template", None),

@@ -16,6 +16,7 @@ from typing import Any
 
 from tunelab.config.schema import DatasetSource, TuneConfig
 from tunelab.data.chunking import chunk_text
+from tunelab.data.documents import DOCUMENT_KINDS, Document, Tokens, tokenize_document
 from tunelab.data.formats import (
     FORMATS,
     OPENAI,
@@ -58,7 +59,7 @@ class RawText:
 class Example:
     """One sample, where it came from, and for ``type: chat_template`` how it is masked."""
 
-    sample: Sample | RawText
+    sample: Sample | RawText | Document
     source: str
     where: str
     rules: TurnRules | None = None
@@ -124,6 +125,8 @@ def _converter(source: DatasetSource, table: Table) -> tuple[str, Callable[[dict
     column = "text" if table.text is not None else source.field or "text"  # a .txt line is text
     if name == "raw":
         return "raw", lambda row: RawText(text_field(row, column, required=True), source)
+    if name in DOCUMENT_KINDS:
+        return name, lambda row: Document(text_field(row, column, required=True), name)
     if name == "text":
         return "text", lambda row: text_to_text(row, column)
     return name, FORMATS[name].convert
@@ -174,8 +177,11 @@ def ignored_keys(
     if source.field not in (None, "text"):
         if table.text is not None:
             notes.append(f"{where}.field is ignored for a .txt file (it has no columns)")
-        elif name not in ("raw", "text"):
-            notes.append(f"{where}.field applies to types raw and text only; ignored for {name}")
+        elif name not in ("raw", "text", *DOCUMENT_KINDS):
+            notes.append(
+                f"{where}.field applies to types raw, text, chunked_text and pretrain only; "
+                f"ignored for {name}"
+            )
     if source.prompt_style != "instruct" and name not in PROMPTED_FORMATS:
         notes.append(
             f"{where}.prompt_style applies to types alpaca_prompt and jeopardy only; "
@@ -290,6 +296,8 @@ def _key(sample: Any) -> str:
         return json.dumps([sample.messages, sample.images], sort_keys=True)
     if isinstance(sample, RawText):
         return "raw:" + sample.text
+    if isinstance(sample, Document):
+        return f"{sample.kind}:{sample.text}"
     if isinstance(sample, TextSample):
         return json.dumps(sample.parts)
     return json.dumps(sample, sort_keys=True)
@@ -357,7 +365,17 @@ def split_examples(examples: list[Example], val_set_size: float, seed: int) -> t
     )
 
 
-def _samples(ex: Example, tokenizer: Any, sequence_len: int) -> list[Any]:
+def _samples(ex: Example, tokenizer: Any, sequence_len: int, counts: Counter) -> list[Any]:
+    """The samples of one example: raw text cut into chunks, a document of type chunked_text
+    or pretrain tokenized (the tokens axolotl's length limit cuts off go to ``counts``)."""
+    if isinstance(ex.sample, Document):
+        try:
+            done = tokenize_document(ex.sample, tokenizer, sequence_len)
+        except DataError as exc:
+            raise DataError(f"{ex.source}: {ex.where}: {exc.message}", exc.hint) from None
+        if done.cut:
+            counts.update(truncated=1, truncated_tokens=done.cut)
+        return done.samples
     if not isinstance(ex.sample, RawText):
         return [ex.sample]
     s = ex.sample.source
@@ -399,10 +417,12 @@ def tokenize_examples(
     if any(ex.rules is not None for ex in examples):
         eot_tokens, _ = end_of_turn_tokens(tokenizer, config.eot_tokens)
     for ex in examples:
-        for sample in _samples(ex, tokenizer, limit):
+        for sample in _samples(ex, tokenizer, limit, counts):
             images = list(sample.images) if isinstance(sample, VisionSample) else None
             if images is not None:
                 ids, labels = _vision_tokens(ex, processor, config)
+            elif isinstance(sample, Tokens):  # chunked_text and pretrain: as axolotl made them
+                ids, labels = list(sample.input_ids), list(sample.labels)
             else:
                 try:
                     segments = sample_segments(

@@ -1,12 +1,16 @@
 """``pretraining_dataset``: text streamed for pre-training, read only as far as training needs.
 
 Rows are read one at a time (a hub dataset through ``datasets``' streaming mode; local
-JSON lines, CSV, Parquet and text files a line or a batch at a time). Each row's ``field``
-column (default ``text``) is one document: its tokens (after a BOS token where the
-tokenizer adds one) and then the EOS token join one stream, which is cut into chunks of
-``sequence_len`` tokens, every token trained. Reading stops as soon as there are enough
-chunks for ``max_steps`` updates; the rest of the data is never read. A ``.txt`` file is one
-document (its lines keep their newlines), as for ``type: raw``.
+JSON lines, CSV, Parquet files a line or a batch at a time). Each row's ``field`` column
+(default ``text``) is one document, tokenized as axolotl's streamed pre-training tokenizes
+it (its default ``type: pretrain``, :func:`~tunelab.data.documents.pretrain_windows`): the
+tokenizer's overlapping windows of ``sequence_len - 1`` tokens, each with the tokenizer's
+special tokens (its BOS where it adds one) and followed by the EOS token, every token
+trained. Each window is a sample of its own: documents are never joined in one sample, and
+with ``sample_packing`` the windows share rows without attending across each other (as
+axolotl's ``pretrain_multipack_attn``). Reading stops as soon as there are enough windows for
+``max_steps`` updates (with ``sample_packing``, enough tokens to fill that many rows); the
+rest of the data is never read. A ``.txt`` file is one document, as for ``type: raw``.
 """
 
 from __future__ import annotations
@@ -21,26 +25,24 @@ from typing import Any
 
 from tunelab.config.locations import data_path_problem, split_paths
 from tunelab.config.schema import DatasetSource, TuneConfig
+from tunelab.data.documents import pretrain_windows
 from tunelab.data.formats import RowError, text_field
 from tunelab.data.sources import FILE_SUFFIXES, read_json
-from tunelab.data.tokenize import adds_bos
 from tunelab.errors import DataError
 from tunelab.textfile import loads_json
 
 
 @dataclass(frozen=True)
 class Piece:
-    """Text from one row (or one line of a ``.txt`` file); ``ends`` closes a document."""
+    """One document: the text of a row (or of a whole ``.txt`` file)."""
 
     text: str
     where: str
-    ends: bool = True
-    row: bool = True  # False for the mark that closes a .txt file
 
 
 @dataclass
 class PretrainingRead:
-    """The chunks read, with how many rows each source gave."""
+    """The windows read (``chunks``), with how many rows each source gave."""
 
     chunks: list[dict[str, list[int]]] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict)  # source name -> rows read
@@ -48,7 +50,7 @@ class PretrainingRead:
 
 
 def chunks_needed(config: TuneConfig) -> int:
-    """Chunks that ``max_steps`` updates take: one per sample of every micro-batch."""
+    """Rows that ``max_steps`` updates take: one per sample of every micro-batch."""
     if config.max_steps is None:
         raise DataError("pretraining_dataset needs max_steps", "set max_steps")
     return config.max_steps * (config.micro_batch_size or 1) * config.gradient_accumulation_steps
@@ -63,8 +65,13 @@ def check_sources(config: TuneConfig) -> list[str]:
             raise DataError(f"pretraining_dataset: {problem}")
         notes.append(
             f"pretraining_dataset {source.path}: streamed; rows are read while the data is "
-            f"prepared, only as many as {chunks_needed(config)} chunks need"
+            f"prepared, only as many as {chunks_needed(config)} training rows need"
         )
+        if source.type not in ("auto", "pretrain"):
+            notes.append(
+                f"pretraining_dataset {source.path}: type {source.type} is not used; its rows "
+                "are read as type pretrain"
+            )
     return notes
 
 
@@ -86,11 +93,9 @@ def _json_lines(path: Path, column: str) -> Iterator[Piece]:
             yield _piece(item, column, where)
 
 
-def _text_lines(path: Path) -> Iterator[Piece]:
+def _text_file(path: Path) -> Iterator[Piece]:
     with path.open(encoding="utf-8", newline=None) as f:
-        for number, line in enumerate(f, start=1):
-            yield Piece(line, f"{path}:{number}", ends=False)
-    yield Piece("", str(path), ends=True, row=False)
+        yield Piece(f.read(), str(path))
 
 
 def _csv_rows(path: Path, column: str) -> Iterator[Piece]:
@@ -119,7 +124,7 @@ def _file_pieces(path: Path, column: str) -> Iterator[Piece]:
     if suffix == ".jsonl":
         yield from _json_lines(path, column)
     elif suffix == ".txt":
-        yield from _text_lines(path)
+        yield from _text_file(path)
     elif suffix == ".csv":
         yield from _csv_rows(path, column)
     elif suffix == ".parquet":
@@ -183,46 +188,45 @@ def source_pieces(source: DatasetSource) -> Iterator[tuple[str, Piece]]:
                 yield str(path), piece
 
 
-# --- tokens and chunks ------------------------------------------------------------------
+# --- tokens and windows -----------------------------------------------------------------
 
 
 def read_pretraining(config: TuneConfig, tokenizer: Any) -> PretrainingRead:
-    """Chunks of ``sequence_len`` tokens from ``pretraining_dataset``, read only as far as
-    :func:`chunks_needed` takes; notes say how many rows were read."""
+    """Windows (see the module docstring) from ``pretraining_dataset``, read only as far as
+    :func:`chunks_needed` rows take; notes say how many rows were read."""
     needed, size = chunks_needed(config), config.sequence_len
     read = PretrainingRead()
-    stream: list[int] = []
-    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    starting = True  # the next piece starts a document
+    tokens = 0
+
+    def enough() -> bool:  # packed windows share rows: count the tokens that fill them
+        return tokens >= needed * size if config.sample_packing else len(read.chunks) >= needed
+
     for source in config.pretraining_dataset or []:
-        if len(read.chunks) >= needed:
-            read.notes.append(f"pretraining_dataset {source.path}: not read (enough chunks)")
+        if enough():
+            read.notes.append(f"pretraining_dataset {source.path}: not read (enough rows)")
             continue
         pieces, taken = source_pieces(source), 0
         for name, piece in pieces:
-            if piece.row:
-                if source.max_examples is not None and taken >= source.max_examples:
-                    pieces.close()
+            if source.max_examples is not None and taken >= source.max_examples:
+                pieces.close()
+                break
+            taken += 1
+            read.rows[name] = read.rows.get(name, 0) + 1
+            try:
+                windows = pretrain_windows(piece.text, tokenizer, size)
+            except DataError as exc:
+                raise DataError(f"{piece.where}: {exc.message}", exc.hint) from None
+            for window in windows:
+                if enough():
                     break
-                taken += 1
-                read.rows[name] = read.rows.get(name, 0) + 1
-            ids = tokenizer(piece.text, add_special_tokens=False)["input_ids"] if piece.text else []
-            if ids or (piece.ends and not starting):
-                stream += (bos if starting else []) + ids + (eos if piece.ends else [])
-                starting = piece.ends
-            while len(stream) >= size and len(read.chunks) < needed:
-                read.chunks.append(_chunk(stream[:size]))
-                del stream[:size]
-            if len(read.chunks) >= needed:
+                if len(window) < 2:  # an empty row's lone EOS: axolotl drops it too
+                    continue
+                read.chunks.append(_chunk(window))
+                tokens += len(window)
+            if enough():
                 pieces.close()  # stop reading: the rest of the data is never opened
                 break
-        if not starting:  # a document cut short by max_examples
-            stream += eos
-            starting = True
-    if len(read.chunks) < needed and len(stream) > 1:
-        read.chunks.append(_chunk(stream))  # the end of the data: a shorter last chunk
-    read.notes += _notes(config, read, needed)
+    read.notes += _notes(config, read, needed, enough())
     return read
 
 
@@ -230,20 +234,21 @@ def _chunk(ids: list[int]) -> dict[str, list[int]]:
     return {"input_ids": list(ids), "attention_mask": [1] * len(ids), "labels": list(ids)}
 
 
-def _notes(config: TuneConfig, read: PretrainingRead, needed: int) -> list[str]:
+def _notes(config: TuneConfig, read: PretrainingRead, needed: int, enough: bool) -> list[str]:
     rows = sum(read.rows.values())
     names = ", ".join(read.rows) or "nothing"
     steps = (
         f"max_steps {config.max_steps} x micro_batch_size {config.micro_batch_size or 1} x "
         f"gradient_accumulation_steps {config.gradient_accumulation_steps}"
     )
-    if len(read.chunks) >= needed:
+    windows = f"{len(read.chunks)} windows of at most {config.sequence_len} tokens"
+    rows_needed = f"{needed} rows" + (" (packed)" if config.sample_packing else "")
+    if enough:
         return [
-            f"pretraining_dataset: read {rows} rows ({names}) into {len(read.chunks)} chunks of "
-            f"{config.sequence_len} tokens, as many as {steps} need; the rest is not read"
+            f"pretraining_dataset: read {rows} rows ({names}) into {windows}, enough for the "
+            f"{rows_needed} that {steps} need; the rest is not read"
         ]
     return [
-        f"pretraining_dataset: all {rows} rows ({names}) gave {len(read.chunks)} chunks of "
-        f"{config.sequence_len} tokens, fewer than the {needed} that {steps} need; "
-        "training goes over them more than once"
+        f"pretraining_dataset: all {rows} rows ({names}) gave {windows}, fewer than the "
+        f"{rows_needed} that {steps} need; training goes over them more than once"
     ]

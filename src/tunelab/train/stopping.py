@@ -57,7 +57,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-TEXT_FORMATS = frozenset({"text", "raw", "completion"})
+TEXT_FORMATS = frozenset({"text", "raw", "completion", "chunked_text", "pretrain"})
 
 
 @dataclass(frozen=True)
