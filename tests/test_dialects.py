@@ -293,3 +293,15 @@ def test_axolotl_values_of_the_wrong_kind_are_named(tmp_path, alpaca_file, text,
     body = text if "datasets" in text else f"datasets:\n  - path: {alpaca_file}\n" + text
     path = _write(tmp_path, "strict: false\n" + body)
     assert any(problem in p for p in _problems(path))
+
+
+def test_data_files_are_for_hub_datasets(alpaca_file):
+    from tunelab.data.prepare import load_examples
+    from tunelab.errors import DataError
+
+    loaded = load_config(
+        overrides={"datasets": [{"path": str(alpaca_file), "data_files": ["a.jsonl"]}]}
+    )
+    with pytest.raises(DataError) as caught:
+        load_examples(loaded.config)
+    assert "data_files picks files from a hub dataset" in caught.value.message

@@ -80,6 +80,9 @@ class DatasetSource(_Strict):
     type: DatasetType = Field("auto", description="Row format; 'auto' detects it per file.")
     split: str = Field("train", description="Split to read from a hub dataset.")
     name: str | None = Field(None, description="Configuration (subset) of a hub dataset.")
+    data_files: list[str] | str | None = Field(
+        None, description="Files to read from a hub dataset's repository (its data_files)."
+    )
     field: str | None = Field(
         None, description="Column holding the text (raw, text, pretrain); default 'text'."
     )

@@ -142,7 +142,9 @@ def _hub_pieces(source: DatasetSource, part: str, column: str) -> Iterator[Piece
     dataset_id, _, split = part.partition(":")
     split = split or source.split
     try:
-        stream = datasets.load_dataset(dataset_id, name=source.name, split=split, streaming=True)
+        stream = datasets.load_dataset(
+            dataset_id, name=source.name, split=split, data_files=source.data_files, streaming=True
+        )
     except Exception as exc:  # the hub client raises many types; all mean "could not get it"
         raise DataError(
             f"pretraining_dataset: could not stream hub dataset '{dataset_id}' (split "

@@ -8,7 +8,8 @@ axolotl's, character for character, so a config written for axolotl trains the s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,3 +100,88 @@ PROMPTED_FORMATS: dict[str, tuple[tuple[str, ...], Callable[..., TextSample]]] =
     "alpaca_prompt": (("instruction", "output"), alpaca_prompt_row),
     "jeopardy": (("question", "category", "answer"), jeopardy_row),
 }
+
+
+# A chat template for a run trained on these prompts: a conversation renders as the prompt the
+# run learned, built from the same layouts as the data (so the two cannot drift apart).
+_MARK = "\x00"  # stands for a format field while a layout is cut in two around it
+
+
+def _around(layout: str, field: str) -> tuple[str, str]:
+    """The text of ``layout`` before and after its ``{field}`` (format escapes resolved)."""
+    before, after = layout.format(**{field: _MARK}).split(_MARK)
+    return before, after
+
+
+def _literal(text: str) -> str:
+    """``text`` as a Jinja string literal."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def chat_template(style: str, bos: bool = False) -> str:
+    """A Jinja chat template rendering a conversation as ``style``'s prompt without input.
+
+    The system message (else axolotl's system prompt for an instruction without input) in
+    the style's system line, then each user turn as the instruction of a turn; an assistant
+    turn's text follows the turn's response header and ends with the EOS token. With
+    ``add_generation_prompt`` the text ends where the response starts (``### Response:\\n``
+    for ``instruct``), so a one-question conversation is the training prompt exactly. ``bos``:
+    start with the BOS token (for a tokenizer that puts it before plain text by itself, as the
+    training data then has it)."""
+    layout = LAYOUTS[style]
+    system_before, system_after = _around(layout.system, "system")
+    user, response = _around(layout.turn_no_input, "instruction")
+    lines = [
+        "{%- if messages and messages[0]['role'] == 'system' -%}",
+        "{%- set system = messages[0]['content'] -%}",
+        "{%- set turns = messages[1:] -%}",
+        "{%- else -%}",
+        f"{{%- set system = {_literal(WITHOUT_INPUT)} -%}}",
+        "{%- set turns = messages -%}",
+        "{%- endif -%}",
+        *(["{{- bos_token -}}"] if bos else []),
+        f"{{{{- {_literal(system_before)} + system + {_literal(system_after)} -}}}}",
+        "{%- for message in turns -%}",
+        "{%- if message['role'] == 'user' and loop.index0 % 2 == 0 -%}",
+        f"{{{{- {_literal(user)} + message['content'] -}}}}",
+        "{%- elif message['role'] == 'assistant' and loop.index0 % 2 == 1 -%}",
+        f"{{{{- {_literal(response)} + message['content'] + eos_token -}}}}",
+        "{%- else -%}",
+        "{{- raise_exception('after an optional system message, the conversation must "
+        "alternate user and assistant turns, starting with the user') -}}",
+        "{%- endif -%}",
+        "{%- endfor -%}",
+        "{%- if add_generation_prompt and turns and turns[-1]['role'] == 'user' -%}",
+        f"{{{{- {_literal(response)} -}}}}",
+        "{%- endif -%}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def prompted_style(sources: Sequence[Any]) -> tuple[str | None, str | None]:
+    """The prompt style every dataset in ``sources`` (``DatasetSource`` entries) was laid out
+    in, when all are ``type: alpaca_prompt``/``jeopardy`` with one ``prompt_style``; else
+    None. The second value is a note for a run where only some are (its chat template is
+    then the model's own), else None."""
+
+    def prompted(source: Any) -> bool:  # as prepare.py reads it: these keys win over the type
+        overridden = (
+            source.format_file or source.data_template or source.field_messages
+            or source.message_property_mappings
+        )  # fmt: skip
+        return source.type in PROMPTED_FORMATS and not overridden
+
+    styles = sorted({s.prompt_style for s in sources if prompted(s)})
+    if not styles:
+        return None, None
+    if len(styles) == 1 and all(prompted(s) for s in sources):
+        return styles[0], None
+    what = (
+        f"prompt styles {' and '.join(styles)}"
+        if len(styles) > 1
+        else "the Alpaca prompt and other formats"
+    )
+    return None, (
+        f"the datasets mix {what}; the saved tokenizer keeps the model's chat template, "
+        "which is not the prompt all of the data was trained in"
+    )

@@ -183,9 +183,9 @@ def read_saved_dataset(path: Path, split: str) -> Table:
     return Table(str(path), _dataset_rows(ds))
 
 
-def read_hub(dataset_id: str, split: str, name: str | None = None) -> Table:
-    """A hub dataset split, of configuration ``name`` if given (needs network access to the
-    hub, or a cached copy)."""
+def read_hub(dataset_id: str, split: str, name: str | None = None, data_files: Any = None) -> Table:
+    """A hub dataset split, of configuration ``name`` and from ``data_files`` if given (needs
+    network access to the hub, or a cached copy)."""
     import datasets
 
     try:
@@ -196,7 +196,7 @@ def read_hub(dataset_id: str, split: str, name: str | None = None) -> Table:
             "connect to the network, or download it and give a local file",
         ) from None
     try:
-        ds = datasets.load_dataset(source, name=name, split=split)
+        ds = datasets.load_dataset(source, name=name, split=split, data_files=data_files)
     except Exception as exc:  # the hub client raises many types; all mean "could not get it"
         raise DataError(
             f"could not load hub dataset '{dataset_id}' (split '{split}'): "
@@ -335,7 +335,12 @@ def _split_selector(path: str) -> tuple[str, list[str]]:
 
 
 def expand(
-    path: str, split: str, notes: list[str], hub: bool = True, name: str | None = None
+    path: str,
+    split: str,
+    notes: list[str],
+    hub: bool = True,
+    name: str | None = None,
+    data_files: Any = None,
 ) -> list[Table]:
     """All tables a ``datasets`` path names; a path that names nothing is an error.
 
@@ -344,12 +349,12 @@ def expand(
     """
     tables: list[Table] = []
     for part in split_paths(path):
-        tables += _expand_one(part, split, notes, hub, name)
+        tables += _expand_one(part, split, notes, hub, name, data_files)
     return tables
 
 
 def _expand_one(
-    part: str, split: str, notes: list[str], hub: bool, name: str | None
+    part: str, split: str, notes: list[str], hub: bool, name: str | None, data_files: Any
 ) -> list[Table]:
     part, names = _split_selector(part)
     p = Path(part).expanduser()
@@ -358,6 +363,11 @@ def _expand_one(
         if not matches:
             raise DataError(f"'{part}': no files match this pattern")
         return [read_file(m) for m in matches]
+    if data_files is not None and (p.exists() or any(ch in part for ch in "*?[")):
+        raise DataError(
+            f"{part}: data_files picks files from a hub dataset's repository; this is local data",
+            "give the files themselves as the path (a list, a glob or a folder)",
+        )
     if name is not None and (p.exists() or any(ch in part for ch in "*?[")):
         notes.append(
             f"{part}: name '{name}' (a hub dataset's configuration) is not used for local data"
@@ -386,4 +396,4 @@ def _expand_one(
     if not hub:
         notes.append(f"{part}: hub dataset, read when training")
         return []
-    return [read_hub(dataset_id, hub_split or split, name)]
+    return [read_hub(dataset_id, hub_split or split, name, data_files)]

@@ -122,8 +122,11 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _save_weights(model: Any, tokenizer: Any, layout: RunLayout) -> None:
-    """Adapter (or full model) and tokenizer, moved into the run dir file by file."""
+def _save_weights(
+    model: Any, tokenizer: Any, layout: RunLayout, chat_template: str | None = None
+) -> None:
+    """Adapter (or full model) and tokenizer, moved into the run dir file by file;
+    ``chat_template``, when given, is the saved tokenizer's (the one in memory keeps its own)."""
     staging = temporary_directory(layout.root, "weights")
     # Embeddings the adapter trains in full (new tokens) are saved as its own copy; peft
     # would also save the resized base layers beside it, for nothing but size.
@@ -133,8 +136,42 @@ def _save_weights(model: Any, tokenizer: Any, layout: RunLayout) -> None:
         model.save_pretrained(staging, save_embedding_layers=False)
     else:
         model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    holders = [tokenizer, getattr(tokenizer, "tokenizer", None)] if chat_template else []
+    holders = [h for h in holders if h is not None and hasattr(h, "chat_template")]
+    kept = [h.chat_template for h in holders]
+    try:
+        for holder in holders:
+            holder.chat_template = chat_template
+        tokenizer.save_pretrained(staging)
+    finally:
+        for holder, template in zip(holders, kept, strict=True):
+            holder.chat_template = template
     move_into(staging, layout.root)
+
+
+def _saved_chat_template(prep: Prepared, log: Any) -> str | None:
+    """The chat template to save for a run whose every dataset is ``type: alpaca_prompt`` or
+    ``jeopardy`` in one prompt style: that prompt, so chat and generate prompt the model as
+    it was trained (see ``data/prompt_styles.py``); None keeps the tokenizer's own."""
+    from tunelab.data.prompt_styles import chat_template, prompted_style
+    from tunelab.data.tokenize import adds_bos
+
+    style, note = prompted_style(prep.config.datasets)
+    if note:
+        log(f"note: {note}")
+    if style is None:
+        return None
+    if prep.config.chat_template or prep.config.chat_template_jinja:
+        log(
+            f"note: the data is in the Alpaca prompt (prompt_style {style}), but the saved "
+            "tokenizer keeps the configured chat template"
+        )
+        return None
+    log(
+        f"note: the run's chat template is the Alpaca prompt it was trained on (prompt_style "
+        f"{style}); tunelab chat and generate prompt the model that way"
+    )
+    return chat_template(style, bos=adds_bos(prep.tokenizer))
 
 
 def _info(config: TuneConfig, plan: Plan, data: PreparedData, model: Any, **extra: Any) -> dict:
@@ -310,9 +347,13 @@ def fit(
     return trainer, stopper, rules
 
 
-def save_artifacts(prep: Prepared, trainer: Any, layout: RunLayout, started: str, clock: float):
+def save_artifacts(
+    prep: Prepared, trainer: Any, layout: RunLayout, started: str, clock: float,
+    log: Any = lambda line: None,
+):  # fmt: skip
     """Weights, tokenizer, adapter_info.json and the loss plot; returns the loss summary."""
-    _save_weights(trainer.model, prep.processor or prep.tokenizer, layout)
+    template = _saved_chat_template(prep, log)
+    _save_weights(trainer.model, prep.processor or prep.tokenizer, layout, template)
     if layout.checkpoints.is_dir() and not any(layout.checkpoints.iterdir()):
         layout.checkpoints.rmdir()
     records = artifacts.read_metrics(layout.metrics)
@@ -462,7 +503,7 @@ def _train(
         if rules.reason:
             log(f"stopped early, {rules.reason}; keeping the best weights")
             status["stop_reason"] = rules.reason
-        losses = save_artifacts(prep, trainer, layout, started, clock)
+        losses = save_artifacts(prep, trainer, layout, started, clock, log)
         write_json(
             layout.status, {"state": "completed", **status, "finished": _now(), "steps": steps}
         )
