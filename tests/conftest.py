@@ -191,6 +191,23 @@ def write_json(path: Path, rows) -> Path:
     return path
 
 
+def write_image_rows(folder: Path) -> Path:
+    """Four image + caption rows (the ``vision`` format), the images beside them in img/."""
+    from PIL import Image
+
+    (folder / "img").mkdir()
+    rows = []
+    for i, colour in enumerate(["red", "green", "blue", "white"]):
+        Image.new("RGB", (40, 30), colour).save(folder / "img" / f"{i}.png")
+        rows.append({"image": f"img/{i}.png", "caption": f"A {colour} square."})
+    return write_json(folder / "captions.json", rows)
+
+
+@pytest.fixture
+def image_rows(tmp_path) -> Path:
+    return write_image_rows(tmp_path)
+
+
 @pytest.fixture
 def alpaca_file(tmp_path) -> Path:
     return write_json(tmp_path / "memorise.json", MEMORISE)

@@ -99,18 +99,6 @@ OLD_VLM_TARGETS = (
 )
 
 
-@pytest.fixture
-def image_rows(tmp_path):
-    from PIL import Image
-
-    (tmp_path / "img").mkdir()
-    rows = []
-    for i, colour in enumerate(["red", "green", "blue", "white"]):
-        Image.new("RGB", (40, 30), colour).save(tmp_path / "img" / f"{i}.png")
-        rows.append({"image": f"img/{i}.png", "caption": f"A {colour} square."})
-    return write_json(tmp_path / "captions.json", rows)
-
-
 def test_lora_targets_written_for_transformers_4s_image_text_layout(tiny_vlm, image_rows,
                                                                     tmp_path, capsys):  # fmt: skip
     note = ("note: lora_target_modules was written for transformers 4's layout "

@@ -11,7 +11,7 @@ from tunelab.data.prepare import prepare_data
 from tunelab.data.tokenize import IGNORE_INDEX
 from tunelab.train.run import train
 
-from .conftest import cli
+from .conftest import cli, write_image_rows
 from .vlm_models import IMAGE_SEQ_LEN, idefics3_image_prompt, make_tiny_idefics3
 
 TEXT_LAYERS = r"model.text_model.layers.[\d]+.(mlp|self_attn).(up|down|gate|q|k|v|o)_proj"
@@ -24,18 +24,8 @@ def idefics3(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image_rows(tmp_path_factory):
-    """Four image + caption rows (the ``vision`` format) in a JSONL file."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("idefics3-rows")
-    (root / "img").mkdir()
-    rows = []
-    for i, colour in enumerate(["red", "green", "blue", "white"]):
-        Image.new("RGB", (40, 30), colour).save(root / "img" / f"{i}.png")
-        rows.append({"image": f"img/{i}.png", "caption": f"A {colour} square."})
-    path = root / "captions.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+    """Four image + caption rows (the ``vision`` format), shared by this module's tests."""
+    return write_image_rows(tmp_path_factory.mktemp("idefics3-rows"))
 
 
 @pytest.fixture(scope="module")

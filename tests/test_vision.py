@@ -2,26 +2,10 @@
 
 import json
 
-import pytest
-
 from tunelab.config import load_config
 from tunelab.data.prepare import prepare_data
 from tunelab.data.tokenize import IGNORE_INDEX
 from tunelab.train.run import train
-
-
-@pytest.fixture
-def image_rows(tmp_path):
-    from PIL import Image
-
-    (tmp_path / "img").mkdir()
-    rows = []
-    for i, colour in enumerate(["red", "green", "blue", "white"]):
-        Image.new("RGB", (40, 30), colour).save(tmp_path / "img" / f"{i}.png")
-        rows.append({"image": f"img/{i}.png", "caption": f"A {colour} square."})
-    path = tmp_path / "captions.json"
-    path.write_text(json.dumps(rows))
-    return path
 
 
 def test_image_tokens_expand_and_only_the_caption_is_trained(tiny_vlm, image_rows):
