@@ -11,9 +11,9 @@ import torch
 from tunelab.config import load_config
 from tunelab.errors import ConfigError, ModelError
 from tunelab.infer.load import load_run
+from tunelab.rundir import RunLayout
 from tunelab.train.plan import plan_run
 from tunelab.train.preflight import Hardware, machine_plan
-from tunelab.train.rundir import RunLayout
 from tunelab.train.trainer import checkpointing_kwargs, count_parameters, training_arguments
 
 from .conftest import MEMORISE, cli, run, write_json

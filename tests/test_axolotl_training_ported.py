@@ -86,7 +86,7 @@ def _rows(path) -> list[dict]:
 def _check_trains(loaded) -> dict:
     run = train(loaded, quiet=True)
     status = json.loads((run.run_dir / "status.json").read_text())
-    assert status["state"] == "completed" and status["steps"] == 3
+    assert status["state"] == "completed" and status["step"] == 3
     return status
 
 

@@ -503,9 +503,10 @@ def test_training_with_hub_model_id_needs_a_token_first(tiny_model_dir, alpaca_f
 
 
 def test_what_a_push_uploads(trained):
-    from tunelab.infer.hub import _files, model_card
+    from tunelab.infer.hub import model_card
+    from tunelab.rundir import files_to_push
 
-    names = {str(p.relative_to(trained.run_dir)) for p in _files(trained.run_dir)}
+    names = {str(p.relative_to(trained.run_dir)) for p in files_to_push(trained.run_dir)}
     assert {"adapter_config.json", "adapter_model.safetensors", "adapter_info.json"} <= names
     assert not any(n.startswith(("checkpoints", "logs")) or n == "train.log" for n in names)
     card = model_card(trained.run_dir, "me/adapter")

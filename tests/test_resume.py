@@ -12,7 +12,7 @@ import torch
 
 from tunelab.config import load_config
 from tunelab.errors import RunDirError
-from tunelab.train.checkpoints import MARKER, complete_checkpoints
+from tunelab.rundir import MARKER, complete_checkpoints
 from tunelab.train.run import train
 
 from .conftest import write_json
@@ -187,7 +187,7 @@ def test_resume_from_the_last_checkpoint_trains_no_extra_step(adapter, tiny_mode
     result = train(load_config(overrides=overrides), quiet=True, resume=True)
     assert result.steps == 7
     status = json.loads((out / "status.json").read_text())
-    assert status["state"] == "completed" and status["steps"] == 7
+    assert status["state"] == "completed" and status["step"] == 7
     assert max(step for step, _ in losses(out)) == 7
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
     assert not list(out.rglob(".tmp*"))
@@ -222,8 +222,8 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tiny_model_dir, tmp_pat
 
 
 def test_resuming_from_an_earlier_checkpoint_forgets_what_came_after(tiny_model_dir, tmp_path):
+    from tunelab.rundir import RunLayout
     from tunelab.train.resume import forget_after
-    from tunelab.train.rundir import RunLayout
 
     data = write_json(tmp_path / "d.json", ROWS)
     train(load_config(overrides=settings(tiny_model_dir, data, tmp_path / "run")), quiet=True)

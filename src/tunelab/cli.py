@@ -116,8 +116,8 @@ def _plan_log(line: str) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from tunelab.errors import RunDirError
+    from tunelab.rundir import check_output_dir
     from tunelab.train.plan import plan_run
-    from tunelab.train.rundir import check_output_dir
 
     loaded = _load(args)
     print(yaml.safe_dump(redact_data(resolved_dict(loaded.config)), sort_keys=False), end="")
@@ -290,6 +290,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "help": (cmd_help, "show the help of tunelab or of one command: tunelab help train"),
 }
 CONFIG_COMMANDS = ("train", "validate", "data inspect", "preprocess")
+# Commands that read only run directories: they must not load torch or transformers (a
+# queue or a page lists runs without them).
+LIGHT_COMMANDS = ("runs", "help")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,7 +390,8 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    if args.command not in LIGHT_COMMANDS:
+        _quiet_libraries()
     handler = COMMANDS[args.command][0]
     try:
         with redacted_output():  # whatever any library prints, a password in a URL is masked

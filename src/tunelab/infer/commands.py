@@ -211,7 +211,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from tunelab.infer.runs import list_runs
+    from tunelab.rundir import list_runs
 
     runs = list_runs(Path(args.dir))
     if args.json:

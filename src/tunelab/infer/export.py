@@ -141,7 +141,7 @@ def export_gguf(
 
 def _run_system_message(run: Path | None) -> str | None:
     """The default_system_message the run trained with, if any."""
-    from tunelab.train.rundir import RunLayout, read_json
+    from tunelab.rundir import RunLayout, read_json
 
     return (
         (read_json(RunLayout(run).info).get("config") or {}).get("default_system_message")

@@ -11,11 +11,8 @@ import json
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.rundir import RunLayout, files_to_push, read_json
 from tunelab.train import card
-from tunelab.train.rundir import RunLayout, read_json
-
-# Run-directory parts that are for the machine that trained, not for a model repository.
-NOT_PUSHED = frozenset({"checkpoints", "logs", "status.json", "train.log", "wandb"})
 
 
 def hub_token() -> str:
@@ -43,14 +40,6 @@ def check_reachable() -> None:
             "check the network connection; the files stay here, so push again later with "
             "`tunelab push`",
         )
-
-
-def _pushed(relative: Path) -> bool:
-    return not any(part in NOT_PUSHED or part.startswith(".") for part in relative.parts)
-
-
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and _pushed(p.relative_to(folder)))
 
 
 def model_card(folder: Path, repo_id: str) -> str:
@@ -89,7 +78,7 @@ def push(folder: str | Path, repo_id: str, private: bool = False, log=print) -> 
     folder = Path(folder)
     if not folder.is_dir():
         raise TunelabError(f"{folder}: no such directory", "give a run, merged or export folder")
-    files = _files(folder)
+    files = files_to_push(folder)
     if not files:
         raise TunelabError(f"{folder}: nothing to push (the folder is empty)")
     api = HfApi(token=hub_token())

@@ -20,9 +20,8 @@ from typing import Any
 from tunelab.config import BUILTIN_MODEL
 from tunelab.config.locations import model_problem, resolve_model, same_model
 from tunelab.errors import ModelError, PreflightError, TunelabError
-from tunelab.train.checkpoints import complete_checkpoints
+from tunelab.rundir import RunLayout, complete_checkpoints, list_runs, read_json
 from tunelab.train.preflight import detect_hardware
-from tunelab.train.rundir import RunLayout, read_json
 
 BASE = "base"
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
@@ -203,8 +202,6 @@ def resolve_target(path: str | Path, checkpoint: str | None = None) -> Target:
 
 def latest_run(folder: Path = Path("outputs")) -> Path | None:
     """The most recently finished run under ``folder`` (what `tunelab chat` picks by itself)."""
-    from tunelab.infer.runs import list_runs
-
     done = [r for r in list_runs(folder) if r["state"] == "completed"] if folder.is_dir() else []
     return Path(max(done, key=lambda r: r["date"])["run"]) if done else None
 

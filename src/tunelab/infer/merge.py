@@ -7,7 +7,7 @@ from typing import Any
 
 from tunelab.errors import RunDirError, TunelabError
 from tunelab.files import staged_directory
-from tunelab.train.rundir import read_json
+from tunelab.rundir import read_json
 
 
 def check_output(target: Path) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 from tunelab.data.tokenize import IGNORE_INDEX
 from tunelab.errors import DataError, TunelabError
 from tunelab.files import write_atomic
-from tunelab.train.rundir import RunLayout
+from tunelab.rundir import RunLayout
 
 COLUMNS = (
     "date", "model", "adapter", "data", "perplexity", "tokens", "stride", "max_length", "comment"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -20,12 +19,6 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 def loss_summary(records: list[dict[str, Any]]) -> dict[str, Any]:

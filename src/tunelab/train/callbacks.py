@@ -1,4 +1,4 @@
-"""Trainer callbacks: throughput, the metrics file, the console progress bar.
+"""Trainer callbacks: throughput, the metrics file and status, the console progress bar.
 
 They are passed to the trainer in this order, so that the throughput figure added to
 each log reaches TensorBoard, the metrics file and the console alike.
@@ -6,7 +6,6 @@ each log reaches TensorBoard, the metrics file and the console alike.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -16,8 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-# Keys copied from the trainer's logs into metrics.jsonl, in this order.
-METRIC_KEYS = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second")
+from tunelab.rundir import METRIC_KEYS, StatusFile, append_metrics
 
 
 class ThroughputCallback(TrainerCallback):
@@ -40,18 +38,23 @@ class ThroughputCallback(TrainerCallback):
 
 
 class MetricsFileCallback(TrainerCallback):
-    """Appends one JSON object per logged step or evaluation to ``metrics.jsonl``."""
+    """Appends one JSON object per logged step or evaluation to ``metrics.jsonl``, and
+    keeps the step, epoch and latest loss in ``status.json`` current."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, status: StatusFile | None = None) -> None:
         self.path = path
+        self.status = status
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or not ("loss" in logs or "eval_loss" in logs):
             return
-        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        epoch = round(state.epoch or 0.0, 4)
+        record = {"step": state.global_step, "epoch": epoch}
         record.update({k: logs[k] for k in METRIC_KEYS if k in logs})
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_metrics(self.path, record)
+        if self.status is not None:
+            loss = logs.get("loss", self.status.current.last_loss)
+            self.status.update(step=state.global_step, epoch=epoch, last_loss=loss)
 
 
 def _fmt(value: float) -> str:
@@ -133,6 +136,7 @@ class PlotCallback(TrainerCallback):
         self.metrics, self.plot = metrics, plot
 
     def on_evaluate(self, args, state, control, **kwargs):
-        from tunelab.train.artifacts import plot_history, read_metrics
+        from tunelab.rundir import read_metrics
+        from tunelab.train.artifacts import plot_history
 
         plot_history(read_metrics(self.metrics), self.plot)

@@ -11,7 +11,6 @@ is ignored and the previous one is used.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import signal
 from pathlib import Path
@@ -20,9 +19,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 from tunelab.files import staged_directory, write_atomic
+from tunelab.rundir.checkpoints import COPY_RECORD, MARKER
 
-MARKER = "tunelab-complete.json"
-_NUMBERED = re.compile(r"^checkpoint-(\d+)$")
 ADAPTER_FILES = (
     "adapter_config.json",
     "adapter_model.safetensors",
@@ -31,29 +29,13 @@ ADAPTER_FILES = (
 )
 
 
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """``checkpoint-N`` folders that were written to the end, oldest first."""
-    if not folder.is_dir():
-        return []
-    found = [
-        (int(m[1]), p)
-        for p in folder.iterdir()
-        if (m := _NUMBERED.match(p.name)) and (p / MARKER).is_file()
-    ]
-    return [p for _, p in sorted(found)]
-
-
-def checkpoint_step(path: Path) -> int:
-    return json.loads((path / MARKER).read_text(encoding="utf-8"))["step"]
-
-
 class CheckpointCallback(TrainerCallback):
     """Marks finished checkpoints and keeps ``last`` and ``best`` up to date."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.last_eval: tuple[int, float] | None = None  # (step, loss) of the latest evaluation
-        previous = folder / "best" / "checkpoint.json"  # a resumed run keeps its best
+        previous = folder / "best" / COPY_RECORD  # a resumed run keeps its best
         self.best_eval = (
             json.loads(previous.read_text())["eval_loss"] if previous.exists() else None
         )
@@ -82,7 +64,7 @@ def copy_adapter(source: Path, target: Path, record: dict[str, Any]) -> None:
         for name in ADAPTER_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, staging / name)
-        (staging / "checkpoint.json").write_text(json.dumps(record), encoding="utf-8")
+        (staging / COPY_RECORD).write_text(json.dumps(record), encoding="utf-8")
 
 
 class StopOnSignal(TrainerCallback):

@@ -18,6 +18,7 @@ from tunelab.config import LoadedConfig, TuneConfig
 from tunelab.config.locations import ModelRef, resolve_model, same_model
 from tunelab.data.prepare import PreparedData, load_examples, prepare_data
 from tunelab.errors import ConfigError, ModelError, RunDirError
+from tunelab.rundir import read_json
 from tunelab.train.auto import choose, family_of
 from tunelab.train.estimate import estimate, fitting_batch
 from tunelab.train.models import (
@@ -37,7 +38,6 @@ from tunelab.train.preflight import (
     is_hub_kernel,
     machine_plan,
 )
-from tunelab.train.rundir import read_json
 from tunelab.train.ssmax import ssmax_settings, use_ssmax
 from tunelab.train.trainer import (
     build_adapter,

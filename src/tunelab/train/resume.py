@@ -8,8 +8,16 @@ from typing import Any
 
 from tunelab.config import TuneConfig
 from tunelab.errors import RunDirError
-from tunelab.train.checkpoints import MARKER, checkpoint_step, complete_checkpoints, copy_adapter
-from tunelab.train.rundir import RunLayout, read_json
+from tunelab.rundir import (
+    MARKER,
+    RunLayout,
+    checkpoint_step,
+    complete_checkpoints,
+    incomplete_checkpoints,
+    read_json,
+    read_status,
+)
+from tunelab.train.checkpoints import copy_adapter
 
 FIX = "train into a new --output, or pass --overwrite to start again"
 CHANGED = (
@@ -78,16 +86,16 @@ def _differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
 
 def check_resumable(layout: RunLayout) -> None:
     """The run directory holds a run that can be continued."""
-    status = read_json(layout.status)
-    if not status:
+    if not layout.status.is_file():
         raise RunDirError(f"{layout.root}: no tunelab run to resume here", "train without --resume")
-    if status.get("state") == "completed":
+    status = read_status(layout.status)
+    if status.state == "completed":
         raise RunDirError(f"{layout.root}: this run has finished; there is nothing to resume", FIX)
 
 
 def resume_point(layout: RunLayout, current: dict[str, Any], resume_from: str | None) -> Path:
     """The checkpoint to continue from, after checking that data, model and rank are the same."""
-    stored = read_json(layout.status).get("fingerprint", {})
+    stored = read_status(layout.status).fingerprint
     changes = _differences(stored, current)
     if changes:
         raise RunDirError(f"cannot resume {layout.root}: " + "; ".join(changes), CHANGED)
@@ -151,7 +159,9 @@ def forget_after(layout: RunLayout, step: int) -> list[str]:
     import shutil
 
     removed = []
-    for path in complete_checkpoints(layout.checkpoints) + _unmarked(layout.checkpoints):
+    for path in complete_checkpoints(layout.checkpoints) + incomplete_checkpoints(
+        layout.checkpoints
+    ):
         if _number(path) > step:
             shutil.rmtree(path)
             removed.append(path.name)
@@ -171,16 +181,6 @@ def forget_after(layout: RunLayout, step: int) -> list[str]:
 
 def _number(path: Path) -> int:
     return int(path.name.removeprefix("checkpoint-"))
-
-
-def _unmarked(folder: Path) -> list[Path]:
-    """``checkpoint-N`` folders a crash left without their completeness marker."""
-    if not folder.is_dir():
-        return []
-    return [
-        p for p in folder.iterdir()
-        if p.name.startswith("checkpoint-") and p.name[11:].isdigit() and not (p / MARKER).exists()
-    ]  # fmt: skip
 
 
 __all__ = [

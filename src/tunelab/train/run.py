@@ -14,7 +14,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,19 @@ from tunelab.errors import (
 )
 from tunelab.files import exclusive, remove_leftovers, temporary_directory, write_atomic
 from tunelab.redact import redact, redact_data, redacted_output
+from tunelab.rundir import (
+    RunDir,
+    RunLayout,
+    RunStatus,
+    StatusFile,
+    check_output_dir,
+    checkpoint_step,
+    move_into,
+    read_metrics,
+    recover_swap,
+    write_json,
+)
+from tunelab.rundir.status import now
 from tunelab.train import artifacts
 from tunelab.train.card import base_record, model_card
 from tunelab.train.checkpoints import CheckpointCallback, EpochSeedCallback, StopOnSignal
@@ -38,21 +51,12 @@ from tunelab.train.plan import plan_run
 from tunelab.train.preflight import Plan
 from tunelab.train.resume import (
     check_resumable,
-    checkpoint_step,
     fingerprint,
     forget_after,
     restore_finished,
     resume_point,
     resumed_tokens,
     truncate_metrics,
-)
-from tunelab.train.rundir import (
-    RunDir,
-    RunLayout,
-    check_output_dir,
-    move_into,
-    recover_swap,
-    write_json,
 )
 from tunelab.train.ssmax import ssmax_settings, use_ssmax
 from tunelab.train.stopping import StoppingRules, thresholds
@@ -116,10 +120,6 @@ class RunResult:
 
 def default_output_dir() -> Path:
     return Path("outputs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _save_weights(
@@ -268,10 +268,12 @@ def prepare(
 
 
 def fit(
-    prep: Prepared, layout: RunLayout, log: RunLog, quiet: bool, resume_from: Path | None = None
-) -> tuple[Any, StopOnSignal, StoppingRules]:
+    prep: Prepared, layout: RunLayout, log: RunLog, quiet: bool, resume_from: Path | None = None,
+    status: StatusFile | None = None,
+) -> tuple[Any, StopOnSignal, StoppingRules]:  # fmt: skip
     """Train with transformers' Trainer; returns the trainer after its last step, the
-    signal watcher and the stopping rules (which say whether and why the run ended early)."""
+    signal watcher and the stopping rules (which say whether and why the run ended early).
+    ``status``, when given, is kept current at every logged step."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
@@ -291,7 +293,7 @@ def fit(
     callbacks = [
         ThroughputCallback(),
         TensorBoardCallback(tb_writer=writer),
-        MetricsFileCallback(layout.metrics),
+        MetricsFileCallback(layout.metrics, status),
         console,
         rules,
         PlotCallback(layout.metrics, layout.plot),
@@ -356,14 +358,14 @@ def save_artifacts(
     _save_weights(trainer.model, prep.processor or prep.tokenizer, layout, template)
     if layout.checkpoints.is_dir() and not any(layout.checkpoints.iterdir()):
         layout.checkpoints.rmdir()
-    records = artifacts.read_metrics(layout.metrics)
+    records = read_metrics(layout.metrics)
     losses = artifacts.loss_summary(records)
     artifacts.plot_history(records, layout.plot)
     state = trainer.state
     info = _info(
         prep.config, prep.plan, prep.data, trainer.model, base=prep.base, origins=prep.origins,
         steps=state.global_step, epochs=round(state.epoch or 0, 4), losses=losses,
-        duration_s=round(time.perf_counter() - clock, 1), started=started, finished=_now(),
+        duration_s=round(time.perf_counter() - clock, 1), started=started, finished=now(),
         tokens_seen=state.num_input_tokens_seen,
     )  # fmt: skip
     write_json(layout.info, info)
@@ -452,12 +454,22 @@ def _way_out(reason: str) -> str:
 
 
 def _failure_status(exc: BaseException) -> dict[str, Any]:
-    """The state, message and way out a failed or interrupted run records (never a secret)."""
+    """The state, message and way out a failed or interrupted run records (never a secret,
+    never a traceback: that is in train.log)."""
     interrupted = isinstance(exc, (KeyboardInterrupt, RunInterrupted))
-    message = exc.message if isinstance(exc, TunelabError) else f"{type(exc).__name__}: {exc}"
-    hint = exc.hint if isinstance(exc, TunelabError) else None
-    record = {"state": "interrupted" if interrupted else "failed", "error": redact(message)}
-    return {**record, "hint": redact(hint)} if hint else record
+    if isinstance(exc, TunelabError):
+        message, hint = exc.message, exc.hint
+    elif isinstance(exc, KeyboardInterrupt):
+        message, hint = "stopped at once by a second Ctrl-C or signal", None
+    else:  # a crash: the line the CLI shows
+        first = str(exc).strip().splitlines()[:1]
+        message = f"{type(exc).__name__}: {first[0]}" if first else type(exc).__name__
+        hint = "the traceback is in train.log; TUNELAB_DEBUG=1 shows it on the console"
+    return {
+        "state": "interrupted" if interrupted else "failed",
+        "error": redact(message),
+        "hint": redact(hint) if hint else None,
+    }
 
 
 def _train(
@@ -474,12 +486,19 @@ def _train(
     log.attach(layout.log, append=prep.resume_point is not None)
     resolved = redact_data(resolved_dict(prep.config))
     write_atomic(layout.config, yaml.safe_dump(resolved, sort_keys=False))
-    started, clock = _now(), time.perf_counter()
-    status = {"started": started, "total_steps": prep.steps, "fingerprint": prep.fingerprint}
-    write_json(layout.status, {"state": "running", **status})
+    clock = time.perf_counter()
+    status = StatusFile(
+        layout.status,
+        RunStatus.begin(
+            "running", total_steps=prep.steps, fingerprint=prep.fingerprint,
+            step=checkpoint_step(prep.resume_point) if prep.resume_point else 0,
+        ),
+    )  # fmt: skip
+    started = status.current.started
     tokens_before = resumed_tokens(prep.resume_point)
+    stop_reason = None
     try:
-        trainer, stopper, rules = fit(prep, layout, log, quiet, prep.resume_point)
+        trainer, stopper, rules = fit(prep, layout, log, quiet, prep.resume_point, status)
         steps = trainer.state.global_step
         if stopper.received is not None:
             if run.layout.root != run.final:  # a replacement run: the old one stays
@@ -494,7 +513,7 @@ def _train(
             )
         if rules.failed:
             kept = run.layout.root == run.final
-            status["stop_reason"] = rules.reason
+            stop_reason = rules.reason
             raise TrainingFailed(
                 f"training failed: {rules.reason}",
                 (f"the last good checkpoint (if any) is in {layout.checkpoints}; " if kept else "")
@@ -502,14 +521,12 @@ def _train(
             )
         if rules.reason:
             log(f"stopped early, {rules.reason}; keeping the best weights")
-            status["stop_reason"] = rules.reason
+            stop_reason = rules.reason
         losses = save_artifacts(prep, trainer, layout, started, clock, log)
-        write_json(
-            layout.status, {"state": "completed", **status, "finished": _now(), "steps": steps}
-        )
+        status.end("completed", step=steps, stop_reason=stop_reason)
     except BaseException as exc:
         log.write(traceback.format_exc())
-        write_json(layout.status, {**status, **_failure_status(exc)})
+        status.end(**_failure_status(exc), stop_reason=stop_reason)
         run.abandon()
         raise
     layout = run.finish()

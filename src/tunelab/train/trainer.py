@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunelab.config.schema import TuneConfig
+from tunelab.rundir import RunLayout
 from tunelab.train.models import bnb_config, quantization_settings
 from tunelab.train.preflight import Plan
-from tunelab.train.rundir import RunLayout
 from tunelab.train.trackers import trackers
 from tunelab.train.unfrozen import train_only
 

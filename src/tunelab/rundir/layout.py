@@ -1,27 +1,6 @@
-"""The run directory: one layout, defined here and nowhere else.
-
-::
-
-    <output_dir>/
-      config.yaml                 resolved config (loads again with `tunelab train`)
-      status.json                 state: running | completed | failed | interrupted
-      train.log                   what the console showed, as text
-      metrics.jsonl               one JSON object per logged step or evaluation
-      adapter_config.json         the LoRA adapter (peft.PeftModel.from_pretrained)
-      adapter_model.safetensors
-      model.safetensors, config.json   instead of the adapter, after full fine-tuning
-      tokenizer.json, tokenizer_config.json, chat_template.jinja
-      adapter_info.json           base model (and what training really read), data files and
-                                  hashes, steps, losses, versions
-      README.md                   model card: the base by an id others can load, data, losses
-      training_history.png        loss curves
-      logs/                       TensorBoard event files
-      checkpoints/checkpoint-N/   intermediate checkpoints (with save_steps)
-      checkpoints/last/, best/    adapter copies of the latest and the best checkpoint
-      evaluations.csv             perplexity results (tunelab eval perplexity)
-
-Files that must never be half-written are written beside their place, synced, and
-renamed into it.
+"""The run directory's layout: where each file of a run lives, defined here and nowhere else
+(the whole layout is described in :mod:`tunelab.rundir`), and how a run directory is
+created, replaced and put back.
 """
 
 from __future__ import annotations
@@ -96,11 +75,27 @@ class RunLayout:
         return self.root / "evaluations.csv"
 
     def is_finished(self) -> bool:
-        return read_json(self.status).get("state") == "completed" or self.adapter_weights.exists()
+        state = read_json(self.status).get("state")  # an unreadable status is no finished run
+        return state == "completed" or self.adapter_weights.exists()
 
     def is_run(self) -> bool:
         """Whether this directory was made by a tunelab run (and so may be replaced)."""
         return self.status.exists() or self.adapter_config.exists() or self.info.exists()
+
+
+# Run-directory parts that are for the machine that trained, not for a model repository.
+NOT_PUSHED = frozenset({"checkpoints", "logs", "status.json", "train.log", "wandb"})
+
+
+def pushed(relative: Path) -> bool:
+    """Whether ``tunelab push`` uploads the file at ``relative`` (a path inside the folder)."""
+    return not any(part in NOT_PUSHED or part.startswith(".") for part in relative.parts)
+
+
+def files_to_push(folder: Path) -> list[Path]:
+    """The files ``tunelab push`` uploads from ``folder``: all but what only the training
+    machine needs (checkpoints, logs, status, hidden files)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and pushed(p.relative_to(folder)))
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -108,10 +103,13 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; {} for a missing or unreadable file (a record not written
+    yet). Status files are read with :func:`tunelab.rundir.status.read_status` instead."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        found = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return found if isinstance(found, dict) else {}
 
 
 def move_into(staging: Path, root: Path) -> None:

@@ -1,0 +1,49 @@
+"""A run followed from another process through its directory alone, as a queue or a page will."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from tunelab.rundir.metrics import read_metrics
+from tunelab.rundir.status import read_status
+
+from .conftest import MEMORISE, write_json
+
+STEPS = 60
+
+
+def test_follow_a_training_run_by_its_status_and_metrics(tiny_model_dir, tmp_path):
+    data = write_json(tmp_path / "d.json", MEMORISE * 3)
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "tunelab.cli", "train", "--data", str(data), "--base-model",
+            str(tiny_model_dir), "--output", str(out), "--set", f"max_steps={STEPS}",
+            "--set", "logging_steps=1", "--set", "val_set_size=0", "--set", "lora_r=4"]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen_running: list[int] = []  # steps read from status.json while the run was running
+    arrivals: list[int] = []  # how many new metric records each read brought, while running
+    records: list[dict] = []
+    deadline = time.monotonic() + 240
+    while proc.poll() is None:
+        assert time.monotonic() < deadline, "the run took too long"
+        if (out / "status.json").is_file():
+            status = read_status(out / "status.json")
+            if status.state == "running":
+                seen_running.append(status.step)
+                assert status.pid == proc.pid and status.total_steps == STEPS
+                new = read_metrics(out / "metrics.jsonl", after=records[-1]["step"] if records
+                                   else None)  # fmt: skip
+                if new:
+                    arrivals.append(len(new))
+                    records += new
+        time.sleep(0.01)
+    assert proc.returncode == 0, proc.stderr.read()
+    final = read_status(out / "status.json")
+    assert final.state == "completed" and final.step == STEPS and final.last_loss is not None
+    records += read_metrics(out / "metrics.jsonl", after=records[-1]["step"] if records else None)
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, STEPS + 1))  # every logged step once, in order
+    # it was followed while it trained: progress and losses arrived in several reads
+    assert any(0 < s < STEPS for s in seen_running)
+    assert len(arrivals) >= 2
