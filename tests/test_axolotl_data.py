@@ -454,7 +454,9 @@ def test_chat_template_jinja_missing_file(tmp_path, tokenizer):
 
 def test_chat_template_jinja_is_data_never_code(tmp_path, tokenizer):
     """A template from a config reaches no Python object: it renders in the sandbox."""
-    escape = "{{ messages.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}{% endfor %}"
+    escape = (
+        "{{ messages.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}{% endfor %}"
+    )
     cfg = config(datasets=[{"path": str(_alpaca_rows(tmp_path))}], chat_template_jinja=escape)
     with pytest.raises(DataError) as caught:
         prepare_data(cfg, tokenizer)

@@ -6,12 +6,13 @@ import subprocess
 import sys
 import time
 
-from tunelab.rundir.metrics import read_metrics
+from tunelab.rundir.metrics import follow_metrics
 from tunelab.rundir.status import read_status
 
 from .conftest import MEMORISE, write_json
 
 STEPS = 60
+EVAL_STEPS = 10
 
 
 def test_follow_a_training_run_by_its_status_and_metrics(tiny_model_dir, tmp_path):
@@ -19,11 +20,13 @@ def test_follow_a_training_run_by_its_status_and_metrics(tiny_model_dir, tmp_pat
     out = tmp_path / "run"
     args = [sys.executable, "-m", "tunelab.cli", "train", "--data", str(data), "--base-model",
             str(tiny_model_dir), "--output", str(out), "--set", f"max_steps={STEPS}",
-            "--set", "logging_steps=1", "--set", "val_set_size=0", "--set", "lora_r=4"]  # fmt: skip
+            "--set", "logging_steps=1", "--set", "val_set_size=3", "--set", f"eval_steps={EVAL_STEPS}",
+            "--set", "lora_r=4"]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen_running: list[int] = []  # steps read from status.json while the run was running
     arrivals: list[int] = []  # how many new metric records each read brought, while running
     records: list[dict] = []
+    at = 0  # the position in metrics.jsonl read up to
     deadline = time.monotonic() + 240
     while proc.poll() is None:
         assert time.monotonic() < deadline, "the run took too long"
@@ -32,8 +35,7 @@ def test_follow_a_training_run_by_its_status_and_metrics(tiny_model_dir, tmp_pat
             if status.state == "running":
                 seen_running.append(status.step)
                 assert status.pid == proc.pid and status.total_steps == STEPS
-                new = read_metrics(out / "metrics.jsonl", after=records[-1]["step"] if records
-                                   else None)  # fmt: skip
+                new, at = follow_metrics(out / "metrics.jsonl", at)
                 if new:
                     arrivals.append(len(new))
                     records += new
@@ -41,9 +43,12 @@ def test_follow_a_training_run_by_its_status_and_metrics(tiny_model_dir, tmp_pat
     assert proc.returncode == 0, proc.stderr.read()
     final = read_status(out / "status.json")
     assert final.state == "completed" and final.step == STEPS and final.last_loss is not None
-    records += read_metrics(out / "metrics.jsonl", after=records[-1]["step"] if records else None)
+    records += follow_metrics(out / "metrics.jsonl", at)[0]
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == list(range(1, STEPS + 1))  # every logged step once, in order
+    # and every evaluation once, though each shares its step with a training loss
+    evaluated = [r["step"] for r in records if "eval_loss" in r]
+    assert evaluated == list(range(EVAL_STEPS, STEPS + 1, EVAL_STEPS))
     # it was followed while it trained: progress and losses arrived in several reads
     assert any(0 < s < STEPS for s in seen_running)
     assert len(arrivals) >= 2

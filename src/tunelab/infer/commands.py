@@ -225,6 +225,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
             f"{r['run']}\n  {r['state']}, {r['date']}, {r['steps']} steps, base {r['base_model']}, "
             f"data {r['data']}, best val loss {best}\n  resumable: {r['resumable']}"
         )
+        if r["problem"]:
+            print(f"  problem: {r['problem']}")
     return 0
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from tunelab.errors import RunDirError
 from tunelab.files import TEMP_PREFIX, temporary_directory, write_atomic
+from tunelab.rundir.status import read_status
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -75,7 +76,10 @@ class RunLayout:
         return self.root / "evaluations.csv"
 
     def is_finished(self) -> bool:
-        state = read_json(self.status).get("state")  # an unreadable status is no finished run
+        try:
+            state = read_status(self.status).state
+        except RunDirError:  # an unreadable status is no finished run
+            state = None
         return state == "completed" or self.adapter_weights.exists()
 
     def is_run(self) -> bool:

@@ -3,12 +3,13 @@
 Each record has ``step`` and ``epoch`` and some of ``loss``, ``eval_loss``,
 ``learning_rate``, ``grad_norm`` and ``tokens_per_second``. Records are only ever
 appended (a resumed run first drops those after its checkpoint), so a reader in another
-process follows a run with a cursor: every record after the last step it has seen.
+process follows a run with a cursor, its position in the file (:func:`follow_metrics`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +24,35 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def read_metrics(path: Path, after: int | None = None) -> list[dict[str, Any]]:
-    """The records in ``path``, oldest first; with ``after``, only those of later steps.
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All the records in ``path``, oldest first (a line cut short left out)."""
+    return follow_metrics(path)[0]
 
-    A line cut short (a run killed while writing it, or one still being written) is left
-    out: the next read after the writer finishes it returns it."""
+
+def follow_metrics(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """The records written to ``path`` from byte ``offset`` on, oldest first, and the offset
+    to pass next time: a reader in another process follows a run by its position in the
+    file, so it sees every record once, also several written at the same step.
+
+    A line not finished yet (one being written, or the last of a killed run) is left out
+    and not passed: the next read returns it once the writer has finished it. A file
+    shorter than ``offset`` was rewritten (a resumed run drops the records after its
+    checkpoint): it is read again from its start."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            if offset > os.fstat(f.fileno()).st_size:
+                offset = 0
+            f.seek(offset)
+            data = f.read()
     except FileNotFoundError:
-        return []
+        return [], 0
+    end = data.rfind(b"\n") + 1  # only whole lines
     records = []
-    for line in text.splitlines():
+    for line in data[:end].splitlines():
         try:
             record = json.loads(line)
-        except ValueError:
+        except ValueError:  # also a line that is not UTF-8
             continue
         if isinstance(record, dict) and "step" in record:
-            if after is None or record["step"] > after:
-                records.append(record)
-    return records
+            records.append(record)
+    return records, offset + end

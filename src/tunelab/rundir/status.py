@@ -34,6 +34,13 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _known(fields: dict[str, Any]) -> None:
+    """Refuse a field name the record does not have (a misspelling would be dropped)."""
+    unknown = sorted(set(fields) - set(RunStatus.model_fields))
+    if unknown:
+        raise ValueError(f"a run status has no field {', '.join(unknown)}")
+
+
 class RunStatus(BaseModel):
     """The record in a run's ``status.json``."""
 
@@ -74,6 +81,7 @@ class RunStatus(BaseModel):
     @classmethod
     def begin(cls, state: State = "running", **fields: Any) -> RunStatus:
         """A new record for this process, started and updated now."""
+        _known(fields)
         stamp = now()
         return cls(
             state=state, pid=os.getpid(), host=socket.gethostname(), started=stamp,
@@ -81,7 +89,9 @@ class RunStatus(BaseModel):
         )  # fmt: skip
 
     def changed(self, **fields: Any) -> RunStatus:
-        """This record with ``fields`` changed (and checked), updated now."""
+        """This record with ``fields`` changed (and checked), updated now. A name that is no
+        field of the record is refused (reading drops unknown keys; writing never does)."""
+        _known(fields)
         return RunStatus.model_validate({**self.model_dump(), **fields, "updated": now()})
 
 
@@ -100,6 +110,8 @@ def read_status(path: Path) -> RunStatus:
         raise RunDirError(f"{path}: no such file; this is no tunelab run") from None
     except OSError as exc:
         raise RunDirError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise RunDirError(f"{path}: not a tunelab status record (not UTF-8: {exc})") from None
     try:
         data = json.loads(text)
     except ValueError as exc:

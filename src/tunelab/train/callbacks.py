@@ -39,11 +39,20 @@ class ThroughputCallback(TrainerCallback):
 
 class MetricsFileCallback(TrainerCallback):
     """Appends one JSON object per logged step or evaluation to ``metrics.jsonl``, and
-    keeps the step, epoch and latest loss in ``status.json`` current."""
+    keeps the step, epoch and latest loss in ``status.json`` current.
 
-    def __init__(self, path: Path, status: StatusFile | None = None) -> None:
+    Progress in the status is for watchers: a write of it that fails (a full disk, a
+    permission changed) is said once through ``warn`` (the run's log) and training goes on.
+    """
+
+    def __init__(
+        self, path: Path, status: StatusFile | None = None,
+        warn: Callable[[str], None] = lambda line: None,
+    ) -> None:  # fmt: skip
         self.path = path
         self.status = status
+        self.warn = warn
+        self.warned = False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or not ("loss" in logs or "eval_loss" in logs):
@@ -54,7 +63,15 @@ class MetricsFileCallback(TrainerCallback):
         append_metrics(self.path, record)
         if self.status is not None:
             loss = logs.get("loss", self.status.current.last_loss)
-            self.status.update(step=state.global_step, epoch=epoch, last_loss=loss)
+            try:
+                self.status.update(step=state.global_step, epoch=epoch, last_loss=loss)
+            except Exception as exc:  # noqa: BLE001 - never stop training for it
+                if not self.warned:
+                    self.warned = True
+                    self.warn(
+                        f"warning: could not write the progress to {self.status.path} "
+                        f"({type(exc).__name__}: {exc}); training goes on"
+                    )
 
 
 def _fmt(value: float) -> str:

@@ -72,7 +72,18 @@ class StopOnSignal(TrainerCallback):
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.step: int | None = None  # the last step finished, once training began
         self._previous: dict[int, Any] = {}
+
+    @property
+    def reason(self) -> str | None:
+        """Why the run stopped, for its status: ``signal SIGTERM``; None without a signal."""
+        if self.received is None:
+            return None
+        try:
+            return f"signal {signal.Signals(self.received).name}"
+        except ValueError:
+            return f"signal {self.received}"
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None:  # a second signal: stop now
@@ -81,10 +92,12 @@ class StopOnSignal(TrainerCallback):
         self.received = signum
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.step = state.global_step
         if self.received is not None:
             control.should_save = True
             control.should_training_stop = True

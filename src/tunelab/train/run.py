@@ -7,6 +7,7 @@ before the run directory is touched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -269,11 +270,12 @@ def prepare(
 
 def fit(
     prep: Prepared, layout: RunLayout, log: RunLog, quiet: bool, resume_from: Path | None = None,
-    status: StatusFile | None = None,
+    status: StatusFile | None = None, stopper: StopOnSignal | None = None,
 ) -> tuple[Any, StopOnSignal, StoppingRules]:  # fmt: skip
     """Train with transformers' Trainer; returns the trainer after its last step, the
     signal watcher and the stopping rules (which say whether and why the run ended early).
-    ``status``, when given, is kept current at every logged step."""
+    ``status``, when given, is kept current at every logged step; ``stopper``, when given,
+    is the signal watcher to use (it knows the step reached, also when training raised)."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
@@ -285,7 +287,7 @@ def fit(
     )
 
     writer = SummaryWriter(log_dir=str(layout.tensorboard))
-    stopper = StopOnSignal()
+    stopper = stopper or StopOnSignal()
     console = ConsoleProgressCallback(log.write, quiet=quiet)
     rules = StoppingRules(
         thresholds(prep.config, [s.format for s in prep.data.sources]), console.say
@@ -293,7 +295,7 @@ def fit(
     callbacks = [
         ThroughputCallback(),
         TensorBoardCallback(tb_writer=writer),
-        MetricsFileCallback(layout.metrics, status),
+        MetricsFileCallback(layout.metrics, status, log.write),
         console,
         rules,
         PlotCallback(layout.metrics, layout.plot),
@@ -497,10 +499,12 @@ def _train(
     started = status.current.started
     tokens_before = resumed_tokens(prep.resume_point)
     stop_reason = None
+    stopper = StopOnSignal()
     try:
-        trainer, stopper, rules = fit(prep, layout, log, quiet, prep.resume_point, status)
+        trainer, stopper, rules = fit(prep, layout, log, quiet, prep.resume_point, status, stopper)
         steps = trainer.state.global_step
         if stopper.received is not None:
+            stop_reason = stopper.reason
             if run.layout.root != run.final:  # a replacement run: the old one stays
                 raise RunInterrupted(
                     f"stopped by signal {stopper.received} at step {steps}; the run in "
@@ -525,9 +529,18 @@ def _train(
         losses = save_artifacts(prep, trainer, layout, started, clock, log)
         status.end("completed", step=steps, stop_reason=stop_reason)
     except BaseException as exc:
-        log.write(traceback.format_exc())
-        status.end(**_failure_status(exc), stop_reason=stop_reason)
-        run.abandon()
+        # Record the failure; but a failure to record it (a full disk) must neither hide
+        # this exception nor keep the clean-up from running.
+        try:
+            log.write(traceback.format_exc())
+            reached = {} if stopper.step is None else {"step": stopper.step}
+            status.end(**_failure_status(exc), stop_reason=stop_reason or stopper.reason,
+                       **reached)  # fmt: skip
+        except Exception as problem:  # noqa: BLE001
+            with contextlib.suppress(Exception):
+                log.write(f"warning: could not record the failure in {layout.status}: {problem}")
+        finally:
+            run.abandon()
         raise
     layout = run.finish()
     log.path = layout.log
