@@ -5,8 +5,8 @@ import json
 import pytest
 
 from tunelab.config import load_config
+from tunelab.model.hardware import detect_hardware
 from tunelab.train.auto import choose, family_of, rank_for
-from tunelab.train.preflight import detect_hardware
 from tunelab.train.run import train
 
 

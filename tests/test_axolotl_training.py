@@ -11,9 +11,10 @@ import torch
 from tunelab.config import load_config
 from tunelab.errors import ConfigError, ModelError
 from tunelab.infer.load import load_run
+from tunelab.model.hardware import Hardware
 from tunelab.rundir import RunLayout
 from tunelab.train.plan import plan_run
-from tunelab.train.preflight import Hardware, machine_plan
+from tunelab.train.preflight import machine_plan
 from tunelab.train.trainer import checkpointing_kwargs, count_parameters, training_arguments
 
 from .conftest import MEMORISE, cli, run, write_json
@@ -711,7 +712,7 @@ def _scaled_queries(model, factor, bias, positions):
 def test_ssmax_scales_each_querys_scores(attention, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from tunelab.train.ssmax import use_ssmax
+    from tunelab.model.ssmax import use_ssmax
 
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention)
     ssmax = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention)
@@ -763,7 +764,7 @@ def test_ssmax_wraps_whatever_attention_the_model_uses(tiny_model_dir):
     from transformers import AttentionInterface, AutoModelForCausalLM
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    from tunelab.train.ssmax import registered_name, use_ssmax, wrapped_attention
+    from tunelab.model.ssmax import registered_name, use_ssmax, wrapped_attention
 
     AttentionInterface.register("tunelab_recording", _recording_attention)
     AttentionMaskInterface.register("tunelab_recording", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])

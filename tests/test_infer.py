@@ -238,7 +238,7 @@ def session(trained):
 
 def test_chat_streams_answers_and_obeys_commands(session):
     from tunelab.infer.chat import Chat, run_chat
-    from tunelab.infer.generate import Sampling, generate
+    from tunelab.model.generate import Sampling, generate
 
     out = io.StringIO()
     chat = Chat(session, session.labels, Sampling(max_new_tokens=8), out=out)
@@ -257,7 +257,7 @@ def test_chat_streams_answers_and_obeys_commands(session):
 
 def test_chat_drops_old_exchanges_beyond_the_context(session):
     from tunelab.infer.chat import Chat
-    from tunelab.infer.generate import Sampling
+    from tunelab.model.generate import Sampling
 
     out = io.StringIO()
     chat = Chat(session, session.labels, Sampling(max_new_tokens=180), out=out)
@@ -359,7 +359,7 @@ def smol_tiny_run(tmp_path_factory):
     llama.cpp's converter knows), read from the built-in model's GGUF file."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tunelab.train.models import builtin_gguf, converted_path, is_converted
+    from tunelab.model.loading import builtin_gguf, converted_path, is_converted
 
     tmp = tmp_path_factory.mktemp("smol-tiny")
     gguf = builtin_gguf()
@@ -500,6 +500,19 @@ def test_training_with_hub_model_id_needs_a_token_first(tiny_model_dir, alpaca_f
                     tmp_path)  # fmt: skip
     assert done.returncode == 2 and "hub_model_id: pushing to me/adapter needs" in done.stderr
     assert not out.exists()
+
+
+def test_a_failed_push_after_training_leaves_the_run_saved(tiny_model_dir, alpaca_file, tmp_path):
+    # pushing is the CLI's step after train() returns: the run is complete whatever happens
+    out = tmp_path / "run"
+    done = _tunelab(["train", "--model", str(tiny_model_dir), "--data", str(alpaca_file),
+                     "--output", str(out), "--push-to-hub", "me/adapter", "--max-steps", "1"],
+                    tmp_path, HF_TOKEN="hf_test", HF_ENDPOINT="http://127.0.0.1:9")  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert f"the run is saved in {out}, but pushing it to the Hub failed" in done.stderr
+    assert f"tunelab push {out} --repo me/adapter" in done.stderr
+    assert json.loads((out / "status.json").read_text())["state"] == "completed"
+    assert (out / "adapter_model.safetensors").is_file()
 
 
 def test_what_a_push_uploads(trained):

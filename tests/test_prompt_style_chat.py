@@ -127,8 +127,8 @@ def test_prompted_style_needs_one_style_for_every_dataset(tmp_path):
 def test_run_saves_the_prompt_it_trained_on(style, tiny_model_dir, tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from tunelab.infer.generate import encode, generate, prompt_messages
     from tunelab.infer.load import load_run
+    from tunelab.model.generate import encode, generate, prompt_messages
 
     data = write_json(tmp_path / "data.json", MEMORISE)
     source = {"path": str(data), "type": "alpaca_prompt", "prompt_style": style}

@@ -15,7 +15,7 @@ from tunelab.data.chat_render import render_chat
 from tunelab.data.prepare import load_examples, prepare_data
 from tunelab.data.templates import CHAT_TEMPLATES, DataTemplate
 from tunelab.errors import DataError
-from tunelab.infer.generate import encode
+from tunelab.model.generate import encode
 
 from .conftest import CHATML, cli
 

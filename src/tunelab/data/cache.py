@@ -14,6 +14,7 @@ from typing import Any
 
 from tunelab import __version__
 from tunelab.config.schema import TuneConfig
+from tunelab.data.records import PreparedData, SourceReport
 from tunelab.files import staged_directory
 
 DATA_KEYS = (
@@ -50,11 +51,9 @@ def cache_key(config: TuneConfig, sources: list[Any], tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def load(root: Path, key: str):
+def load(root: Path, key: str) -> PreparedData | None:
     """The prepared data stored under ``key``, or None."""
     from datasets import load_from_disk
-
-    from tunelab.data.prepare import PreparedData, SourceReport
 
     entry = root / key
     if not (entry / "meta.json").is_file():
@@ -68,7 +67,7 @@ def load(root: Path, key: str):
     return PreparedData(splits["train"], splits["eval"], sources, meta["stats"], meta["notes"])
 
 
-def save(root: Path, key: str, data: Any) -> Path:
+def save(root: Path, key: str, data: PreparedData) -> Path:
     """Store ``data`` under ``key`` (written beside, then renamed into place)."""
     from datasets import Dataset
 

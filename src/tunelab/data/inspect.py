@@ -7,7 +7,7 @@ from itertools import groupby
 from typing import Any
 
 from tunelab.data.packing import is_packed
-from tunelab.data.prepare import PreparedData
+from tunelab.data.records import PreparedData
 from tunelab.data.tokenize import IGNORE_INDEX
 
 

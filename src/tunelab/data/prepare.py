@@ -10,11 +10,12 @@ import json
 import random
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from tunelab.config.schema import DatasetSource, TuneConfig
+from tunelab.data import cache
 from tunelab.data.chunking import chunk_text
 from tunelab.data.documents import DOCUMENT_KINDS, Document, Tokens, tokenize_document
 from tunelab.data.formats import (
@@ -23,7 +24,6 @@ from tunelab.data.formats import (
     ROLE_NAMES,
     Mapping,
     RowError,
-    Sample,
     TextSample,
     TurnRules,
     VisionSample,
@@ -34,7 +34,9 @@ from tunelab.data.formats import (
     text_to_text,
 )
 from tunelab.data.packing import efficiency, pack
+from tunelab.data.pretraining import check_sources, read_pretraining
 from tunelab.data.prompt_styles import PROMPTED_FORMATS
+from tunelab.data.records import Example, LoadedData, PreparedData, RawText, SourceReport
 from tunelab.data.sources import Table, expand, reduce_preferences
 from tunelab.data.templates import DataTemplate, FormatFile, apply_chat_template
 from tunelab.data.tokenize import (
@@ -44,50 +46,8 @@ from tunelab.data.tokenize import (
     sample_segments,
     tokenize_segments,
 )
+from tunelab.data.vision import tokenize_vision
 from tunelab.errors import DataError
-
-
-@dataclass(frozen=True)
-class RawText:
-    """A document to be cut into chunks once a tokenizer is at hand."""
-
-    text: str
-    source: DatasetSource
-
-
-@dataclass(frozen=True)
-class Example:
-    """One sample, where it came from, and for ``type: chat_template`` how it is masked."""
-
-    sample: Sample | RawText | Document
-    source: str
-    where: str
-    rules: TurnRules | None = None
-
-
-@dataclass(frozen=True)
-class SourceReport:
-    path: str
-    format: str
-    rows: int
-    sha256: str | None  # None for hub and saved datasets
-
-
-@dataclass
-class LoadedData:
-    examples: list[Example]
-    sources: list[SourceReport]
-    duplicates: int = 0
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class PreparedData:
-    train: list[dict[str, list[int]]]
-    eval: list[dict[str, list[int]]]
-    sources: list[SourceReport]
-    stats: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
 
 
 def _columns(table: Table) -> set[str]:
@@ -341,8 +301,6 @@ def load_examples(config: TuneConfig, read_hub: bool = True) -> LoadedData:
     if config.max_examples:
         examples = examples[: config.max_examples]
     if config.pretraining_dataset:
-        from tunelab.data.pretraining import check_sources
-
         notes += check_sources(config)
     return LoadedData(examples, reports, duplicates, notes)
 
@@ -388,8 +346,6 @@ def _samples(ex: Example, tokenizer: Any, sequence_len: int, counts: Counter) ->
 
 
 def _vision_tokens(ex: Example, processor: Any, config: TuneConfig) -> tuple[list, list]:
-    from tunelab.data.vision import tokenize_vision
-
     if processor is None:
         raise DataError(
             f"{ex.source}: {ex.where}: image rows need a multimodal base model; "
@@ -470,8 +426,6 @@ def prepare_data(
         _add_notes(loaded, end_of_turn_tokens(tokenizer, config.eot_tokens)[1])
     if not config.dataset_prepared_path:
         return tokenize_all(config, tokenizer, loaded, processor)
-    from tunelab.data import cache
-
     root = Path(config.dataset_prepared_path).expanduser()
     key = cache.cache_key(config, loaded.sources, tokenizer)
     data = cache.load(root, key)
@@ -590,8 +544,6 @@ def _read_pretraining(
 ) -> list[SourceReport]:
     """Add ``pretraining_dataset``'s chunks to ``train`` (and their tokens to ``counts``);
     the notes say how many rows were read. Returns the sources, with the rows read."""
-    from tunelab.data.pretraining import read_pretraining
-
     read = read_pretraining(config, tokenizer)
     train += read.chunks
     _add_notes(loaded, read.notes)

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from tunelab.infer.generate import Sampling, context_limit, encode, reply
 from tunelab.infer.load import Loaded
+from tunelab.model.generate import Sampling, context_limit, encode, reply
 
 HELP = """commands:
   /reset          forget the conversation (the system prompt stays)

@@ -21,7 +21,7 @@ def _log(line: str) -> None:
 
 
 def _sampling(args: argparse.Namespace):
-    from tunelab.infer.generate import Sampling
+    from tunelab.model.generate import Sampling
 
     return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
 
@@ -90,7 +90,7 @@ def _names_a_run(text: str) -> bool:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tunelab.infer.generate import prompt_messages, reply
+    from tunelab.model.generate import prompt_messages, reply
 
     if not args.run_dir and args.prompt and _names_a_run(args.prompt[0]):
         args.run_dir = args.prompt.pop(0)  # `generate RUN PROMPT...`, as chat, eval and merge
@@ -132,8 +132,8 @@ def _side_by_side(results: list[tuple[str, dict[str, str]]], labels: list[str]) 
 
 def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     from tunelab.infer import perplexity as px
-    from tunelab.infer.generate import context_limit
     from tunelab.infer.load import BASE, load, resolve_target
+    from tunelab.model.generate import context_limit
 
     targets = [resolve_target(t, args.checkpoint) for t in args.targets]
     if args.checkpoint and len(targets) != 1:

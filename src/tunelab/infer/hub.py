@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.model import card
 from tunelab.rundir import RunLayout, files_to_push, read_json
-from tunelab.train import card
 
 
 def hub_token() -> str:

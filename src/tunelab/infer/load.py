@@ -20,8 +20,20 @@ from typing import Any
 from tunelab.config import BUILTIN_MODEL
 from tunelab.config.locations import model_problem, resolve_model, same_model
 from tunelab.errors import ModelError, PreflightError, TunelabError
+from tunelab.model.hardware import attention_problem, detect_hardware
+from tunelab.model.loading import (
+    bnb_config,
+    fit_vocabulary,
+    is_multimodal,
+    load_model,
+    load_tokenizer,
+    model_location,
+    quantization_settings,
+    read_model_config,
+    use_special_tokens,
+)
+from tunelab.model.ssmax import DEFAULT_BIAS, DEFAULT_FACTOR, use_ssmax
 from tunelab.rundir import RunLayout, complete_checkpoints, list_runs, read_json
-from tunelab.train.preflight import detect_hardware
 
 BASE = "base"
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
@@ -64,8 +76,6 @@ def _run_settings(run: Path | None) -> dict[str, Any]:
 
 def _loading(run: Path | None) -> dict[str, Any]:
     """The Target fields that say how to load what ``run`` trained."""
-    from tunelab.train.ssmax import DEFAULT_BIAS, DEFAULT_FACTOR
-
     settings = _run_settings(run)
     factor, bias = settings.get("scaling_softmax_factor"), settings.get("scaling_softmax_bias")
     quantization = settings.get("model_quantization_config")
@@ -214,8 +224,6 @@ def quantization_for(bits: int | None) -> Any:
 
     import torch
 
-    from tunelab.train.models import bnb_config
-
     flag = f"--load-in-{bits}bit"
     hardware = detect_hardware()
     if hardware.device != "cuda":
@@ -275,8 +283,6 @@ class Loaded:
 
 def _attention(targets: list[Target], log) -> str | None:
     """The attention the targets trained with, where this machine can use it."""
-    from tunelab.train.preflight import attention_problem
-
     name = next((t.attn_implementation for t in targets if t.attn_implementation), None)
     problem = attention_problem(name, detect_hardware())
     if problem:
@@ -293,15 +299,6 @@ def _load_base(
     on the CPU: merged weights should not lose precision to the GPU's bfloat16.
     ``trust_remote_code`` and ``attention`` are as the run trained with; so are the
     config overrides, quantization and SSMax of ``like`` (the run whose base this is)."""
-    from tunelab.train.models import (
-        is_multimodal,
-        load_model,
-        model_location,
-        quantization_settings,
-        read_model_config,
-    )
-    from tunelab.train.ssmax import use_ssmax
-
     if location is None:
         problem = model_problem(name)
         if problem:
@@ -330,8 +327,6 @@ def _load_base(
 def _tokenizer(targets: list[Target], location: str) -> Any:
     """The tokenizer a run saved (with the chat template and tokens it trained with), else
     the base's."""
-    from tunelab.train.models import load_tokenizer
-
     trust = any(t.trust_remote_code for t in targets)
     for t in targets:
         for folder in (t.run, t.path):
@@ -352,8 +347,6 @@ def load(
     ``bits`` says otherwise. ``for_merge`` loads full precision on the CPU.
     """
     import torch
-
-    from tunelab.train.models import fit_vocabulary, use_special_tokens
 
     adapters = [t for t in targets if not t.full]
     auto_4bit = any(t.qlora for t in adapters) and torch.cuda.is_available() and not for_merge

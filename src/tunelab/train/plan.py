@@ -16,12 +16,11 @@ from typing import Any
 
 from tunelab.config import LoadedConfig, TuneConfig
 from tunelab.config.locations import ModelRef, resolve_model, same_model
-from tunelab.data.prepare import PreparedData, load_examples, prepare_data
+from tunelab.data.prepare import load_examples, prepare_data
+from tunelab.data.records import PreparedData
 from tunelab.errors import ConfigError, ModelError, RunDirError
-from tunelab.rundir import read_json
-from tunelab.train.auto import choose, family_of
-from tunelab.train.estimate import estimate, fitting_batch
-from tunelab.train.models import (
+from tunelab.model.hardware import ATTENTION_NAMES, detect_hardware, is_hub_kernel
+from tunelab.model.loading import (
     add_tokens,
     embedding_modules,
     fit_vocabulary,
@@ -30,15 +29,11 @@ from tunelab.train.models import (
     quantization_settings,
     read_model_config,
 )
-from tunelab.train.preflight import (
-    ATTENTION_NAMES,
-    Plan,
-    detect_hardware,
-    hardware_problems,
-    is_hub_kernel,
-    machine_plan,
-)
-from tunelab.train.ssmax import ssmax_settings, use_ssmax
+from tunelab.model.ssmax import ssmax_settings, use_ssmax
+from tunelab.rundir import read_json
+from tunelab.train.auto import choose, family_of
+from tunelab.train.estimate import estimate, fitting_batch
+from tunelab.train.preflight import Plan, hardware_problems, machine_plan
 from tunelab.train.trainer import (
     build_adapter,
     count_parameters,

@@ -6,32 +6,14 @@ problem is reported at once, each with its way out.
 
 from __future__ import annotations
 
-import importlib.util
-import re
 from dataclasses import dataclass
 from typing import Literal
 
 from tunelab.config.schema import BNB_OPTIMIZERS, TORCHAO_OPTIMIZERS, TuneConfig
+from tunelab.errors import ConfigError
+from tunelab.model.hardware import Hardware, attention_problem, has_module
+from tunelab.model.loading import quantization_settings
 from tunelab.train.trackers import tracker_problems
-
-
-@dataclass(frozen=True)
-class Hardware:
-    device: Literal["cuda", "cpu"]
-    bf16: bool
-    name: str
-    memory_gb: float | None  # accelerator memory
-
-
-def detect_hardware() -> Hardware:
-    import torch
-
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return Hardware(
-            "cuda", torch.cuda.is_bf16_supported(), props.name, props.total_memory / 2**30
-        )
-    return Hardware("cpu", False, "CPU", None)
 
 
 @dataclass(frozen=True)
@@ -51,55 +33,10 @@ class Plan:
         return "offload" if self.offload_activations else self.gradient_checkpointing
 
 
-def _has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 def _hub_token() -> str | None:
     from huggingface_hub import get_token
 
     return get_token()
-
-
-# Flash attention: transformers uses the package when it is installed, else fetches the same
-# kernel from the Hub with the `kernels` package.
-FLASH_PACKAGES = {
-    "flash_attention_2": ("flash_attn", "flash-attn"),
-    "flash_attention_3": ("flash_attn_interface", "flash-attn-3"),
-    "flash_attention_4": ("flash_attn", "flash-attn-4"),
-}
-ATTENTION_NAMES = ("eager", "sdpa", "flex_attention", *FLASH_PACKAGES)
-_HUB_KERNEL = re.compile(r"[^/:@]+/[^/:@]+(@[^/:@]+)?(:[^/:@]+)?")
-
-
-def is_hub_kernel(name: str) -> bool:
-    """Whether ``name`` is an attention kernel on the Hub, like 'kernels-community/flash-attn2'."""
-    return _HUB_KERNEL.fullmatch(name) is not None
-
-
-def attention_problem(name: str | None, hw: Hardware) -> str | None:
-    """What keeps attention ``name`` from running on ``hw``, with its way out; else None."""
-    if name in FLASH_PACKAGES:
-        module, package = FLASH_PACKAGES[name]
-        if hw.device != "cuda":
-            return (
-                f"attn_implementation: {name} needs a CUDA GPU (and {package} or the kernels "
-                "package); this machine has none (use sdpa here)"
-            )
-        if not (_has(module) or _has("kernels")):
-            return (
-                f"attn_implementation: {name} needs {package}: pip install {package} (or pip "
-                "install kernels, to fetch it from the Hugging Face Hub)"
-            )
-    elif name is not None and is_hub_kernel(name):
-        if hw.device != "cuda":
-            return (
-                f"attn_implementation: {name} is a Hub kernel and needs a CUDA GPU (and the "
-                "kernels package); this machine has none (use sdpa here)"
-            )
-        if not _has("kernels"):
-            return f"attn_implementation: {name} needs the kernels package: pip install kernels"
-    return None
 
 
 def quantization_problem(config: TuneConfig, hw: Hardware) -> str | None:
@@ -110,9 +47,6 @@ def quantization_problem(config: TuneConfig, hw: Hardware) -> str | None:
     if not name:
         return None
     from transformers.quantizers import AutoHfQuantizer
-
-    from tunelab.errors import ConfigError
-    from tunelab.train.models import quantization_settings
 
     try:
         settings = quantization_settings(name, config.model_quantization_config_kwargs)
@@ -144,14 +78,14 @@ def hardware_problems(config: TuneConfig, hw: Hardware) -> list[str]:
             f"{what} needs a CUDA GPU with bitsandbytes; this machine has none "
             "(use adapter: lora and optimizer: adamw_torch here)"
         )
-    elif needs_bnb and not _has("bitsandbytes"):
+    elif needs_bnb and not has_module("bitsandbytes"):
         problems.append(f"{what} needs bitsandbytes: pip install 'tunelab[gpu]'")
     if config.optimizer in TORCHAO_OPTIMIZERS and not gpu:
         problems.append(
             f"optimizer: {config.optimizer} needs a CUDA GPU with torchao; this machine has none "
             "(use optimizer: adamw_torch here)"
         )
-    elif config.optimizer in TORCHAO_OPTIMIZERS and not _has("torchao"):
+    elif config.optimizer in TORCHAO_OPTIMIZERS and not has_module("torchao"):
         problems.append(f"optimizer: {config.optimizer} needs torchao: pip install torchao")
     for problem in (attention_problem(config.attn_implementation, hw),
                     quantization_problem(config, hw)):  # fmt: skip

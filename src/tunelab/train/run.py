@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from tunelab.config import LoadedConfig, TuneConfig, resolved_dict
-from tunelab.data.prepare import PreparedData
+from tunelab.data.records import PreparedData
 from tunelab.errors import (
     ConfigError,
     RunInterrupted,
@@ -30,6 +30,10 @@ from tunelab.errors import (
     TunelabError,
 )
 from tunelab.files import exclusive, remove_leftovers, temporary_directory, write_atomic
+from tunelab.model.card import base_record, model_card
+from tunelab.model.generate import generate
+from tunelab.model.loading import fit_vocabulary, load_model, use_special_tokens
+from tunelab.model.ssmax import ssmax_settings, use_ssmax
 from tunelab.redact import redact, redact_data, redacted_output
 from tunelab.rundir import (
     RunDir,
@@ -45,9 +49,7 @@ from tunelab.rundir import (
 )
 from tunelab.rundir.status import now
 from tunelab.train import artifacts
-from tunelab.train.card import base_record, model_card
 from tunelab.train.checkpoints import CheckpointCallback, EpochSeedCallback, StopOnSignal
-from tunelab.train.models import fit_vocabulary, load_model, use_special_tokens
 from tunelab.train.plan import plan_run
 from tunelab.train.preflight import Plan
 from tunelab.train.resume import (
@@ -59,7 +61,6 @@ from tunelab.train.resume import (
     resumed_tokens,
     truncate_metrics,
 )
-from tunelab.train.ssmax import ssmax_settings, use_ssmax
 from tunelab.train.stopping import StoppingRules, thresholds
 from tunelab.train.trackers import tracker_environment
 from tunelab.train.trainer import (
@@ -224,8 +225,6 @@ def prepare(
     """Check the output dir, plan the run (config, data, model, machine), and, when resuming,
     check that the run may continue; only then load the model and add the adapter."""
     from transformers import set_seed
-
-    from tunelab.infer.generate import generate
 
     output_dir = Path(loaded.config.output_dir)
     for note in loaded.notes:
@@ -405,19 +404,6 @@ def _open_run(prep: Prepared, overwrite: bool, log: RunLog) -> RunDir:
     return RunDir(layout, layout.root)
 
 
-def _push(root: Path, config: TuneConfig, log: RunLog) -> None:
-    """Upload the finished run to ``hub_model_id``; the run stays saved whatever happens."""
-    from tunelab.infer.hub import push
-
-    try:
-        log(f"pushed to {push(root, config.hub_model_id, config.hub_private_repo, log)}")
-    except TunelabError as exc:
-        raise TunelabError(
-            f"the run is saved in {root}, but pushing it to the Hub failed: {exc.message}",
-            f"push it again with: tunelab push {root} --repo {config.hub_model_id}",
-        ) from None
-
-
 def train(
     loaded: LoadedConfig,
     overwrite: bool = False,
@@ -431,7 +417,8 @@ def train(
     ``resume`` continues the run in ``output_dir`` from its last complete checkpoint
     (``resume_from``: from that checkpoint), refusing if the data, base model, adapter
     shape or training schedule changed. The output directory is held by this process
-    alone until the run ends; another process writing it is refused.
+    alone until the run ends; another process writing it is refused. Pushing the saved
+    run to ``hub_model_id`` is the caller's step (``tunelab train`` does it).
     """
     if overwrite and (resume or resume_from):
         raise ConfigError(["--overwrite starts the run again; --resume continues it: choose one"])
@@ -478,8 +465,6 @@ def _train(
     loaded: LoadedConfig, overwrite: bool, sample_prompts: Sequence[str], quiet: bool,
     resume: bool, resume_from: str | None,
 ) -> RunResult:  # fmt: skip
-    from tunelab.infer.generate import generate
-
     log = RunLog(quiet)
     _tidy(Path(loaded.config.output_dir).resolve(), log)
     prep = prepare(loaded, overwrite, sample_prompts, log, resume, resume_from)
@@ -555,8 +540,6 @@ def _train(
         + (f", best validation loss {best:.4f}" if best is not None else "")
     )
     log(f"saved: {layout.root}")
-    if prep.config.hub_model_id:
-        _push(layout.root, prep.config, log)
     return RunResult(
         layout.root, steps, losses, duration, prep.samples, trainer.model, prep.tokenizer
     )

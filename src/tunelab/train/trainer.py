@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunelab.config.schema import TuneConfig
+from tunelab.model.loading import bnb_config, quantization_settings
+from tunelab.model.ssmax import wrapped_attention
 from tunelab.rundir import RunLayout
-from tunelab.train.models import bnb_config, quantization_settings
 from tunelab.train.preflight import Plan
 from tunelab.train.trackers import trackers
 from tunelab.train.unfrozen import train_only
@@ -365,8 +366,6 @@ def build_trainer(
         collator: Any = VisionCollator(processor)
     elif is_packed(train):
         # flash attention (a package or a Hub kernel) takes the samples' bounds directly
-        from tunelab.train.ssmax import wrapped_attention
-
         attention = getattr(model.config, "_attn_implementation", None) or ""
         collator = PackedRowsCollator("flash" in wrapped_attention(attention))
     else:

@@ -19,8 +19,8 @@ from tunelab.config.locations import ModelRef
 from tunelab.config.schema import BUILTIN_MODEL
 from tunelab.errors import ConfigError, ModelError
 from tunelab.files import staged_directory
+from tunelab.model.builtin import builtin, gguf_path
 from tunelab.network import HubUnavailable, hub_or_cache
-from tunelab.train.builtin import builtin, gguf_path
 
 _DONE_MARK = ".tunelab-complete"
 

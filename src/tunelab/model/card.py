@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config.locations import ModelRef, builtin_name
-from tunelab.train.builtin import builtin
+from tunelab.model.builtin import builtin
 
 
 def base_record(ref: ModelRef) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""What train and infer share: loading a model, generating, the machine at hand."""
