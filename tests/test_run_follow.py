@@ -52,3 +52,58 @@ def test_follow_a_training_run_by_its_status_and_metrics(tiny_model_dir, tmp_pat
     # it was followed while it trained: progress and losses arrived in several reads
     assert any(0 < s < STEPS for s in seen_running)
     assert len(arrivals) >= 2
+
+
+def test_the_run_is_preparing_while_its_model_loads(tiny_model_dir, alpaca_file, tmp_path,
+                                                    monkeypatch):  # fmt: skip
+    """The run directory exists, in state preparing, before the model loads: what another
+    process reads there while the weights load (seen from inside the load, so never late)."""
+    import os
+
+    import tunelab.train.run as train_run
+
+    from .conftest import run
+
+    out = tmp_path / "run"
+    seen = []
+    real = train_run.load_model
+
+    def load_model(*args, **kwargs):
+        seen.append(read_status(out / "status.json"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_run, "load_model", load_model)
+    run(tiny_model_dir, alpaca_file, out, max_steps=2)
+    [during] = seen
+    assert during.state == "preparing" and during.doing == "loading the model"
+    assert during.pid == os.getpid() and during.total_steps == 2 and during.step == 0
+    assert (out / "config.yaml").is_file() and (out / "train.log").is_file()
+    final = read_status(out / "status.json")
+    assert final.state == "completed" and final.doing is None
+    assert final.started == during.started
+
+
+def test_a_model_that_fails_to_load_leaves_a_failed_run(tiny_model_dir, alpaca_file, tmp_path,
+                                                        capsys):  # fmt: skip
+    """Damaged weights are found once the run directory exists: the run records the failure
+    (message and way out), stays for the user to read, and is replaced only on request."""
+    import shutil
+
+    from .conftest import cli
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    out = tmp_path / "run"
+    args = ["train", "--data", str(alpaca_file), "--base-model", str(model), "--output", str(out)]
+    code, err = cli(args, capsys)
+    assert code != 0
+    status = read_status(out / "status.json")
+    assert status.state == "failed" and status.doing is None and status.finished is not None
+    assert "cannot load the model" in status.error and status.error in err
+    assert "run again with --overwrite" in status.hint and status.hint in err
+    assert "Traceback" in (out / "train.log").read_text()  # the details, for a crash
+    code, err = cli(args, capsys)  # a failed run is not replaced unasked
+    assert code == 2 and "already holds files of another run" in err and "--overwrite" in err
+    assert read_status(out / "status.json").finished == status.finished

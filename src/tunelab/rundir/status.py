@@ -1,11 +1,11 @@
 """``status.json``: what state a run is in, written in one place and read in one place.
 
 A run writes it atomically at every change (a reader in another process sees the previous
-record or the next one, never half of one): ``preparing`` while it reads data and loads
-the model, ``running`` while it trains (``step``, ``epoch``, ``last_loss`` and ``updated``
-kept current at each logged step), and at the end ``completed``, ``failed`` or
-``interrupted``, with the reason the training stopped and, for a failure, the message and
-the way out a user must see.
+record or the next one, never half of one): ``preparing`` while it loads the model (its
+config and data already checked), ``running`` while it trains (``step``, ``epoch``,
+``last_loss`` and ``updated`` kept current at each logged step), and at the end
+``completed``, ``failed`` or ``interrupted``, with the reason the training stopped and,
+for a failure, the message and the way out a user must see.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """A training run, top to bottom.
 
-prepare data -> load model -> build adapter -> build trainer -> train -> save artifacts.
-Every check on the user's input (config, data rows, model, output directory) happens
-before the run directory is touched.
+plan (config, data, model, output directory) -> open the run directory (``preparing``)
+-> load model -> build adapter -> build trainer (``running``) -> train -> save artifacts.
+Every check on the user's input happens in planning, before the run directory is touched;
+a failure after it (damaged weights, a crash) is recorded in the run's ``status.json``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from tunelab.rundir import (
 from tunelab.rundir.status import now
 from tunelab.train import artifacts
 from tunelab.train.checkpoints import CheckpointCallback, EpochSeedCallback, StopOnSignal
-from tunelab.train.plan import plan_run
+from tunelab.train.plan import RunPlan, plan_run
 from tunelab.train.preflight import Plan
 from tunelab.train.resume import (
     check_resumable,
@@ -201,7 +202,7 @@ def _info(config: TuneConfig, plan: Plan, data: PreparedData, model: Any, **extr
 
 @dataclass
 class Prepared:
-    """Everything checked and loaded, before the run directory is written."""
+    """Everything checked and loaded: the run's model is ready to train."""
 
     config: TuneConfig
     plan: Plan
@@ -218,14 +219,26 @@ class Prepared:
     base: dict[str, Any] = field(default_factory=dict)  # where the base model came from
 
 
-def prepare(
-    loaded: LoadedConfig, overwrite: bool, sample_prompts: Sequence[str], log: RunLog,
-    resume: bool = False, resume_from: str | None = None,
-) -> Prepared:  # fmt: skip
-    """Check the output dir, plan the run (config, data, model, machine), and, when resuming,
-    check that the run may continue; only then load the model and add the adapter."""
-    from transformers import set_seed
+@dataclass
+class Planned:
+    """A run checked and planned (config, data, model, machine, output directory), its
+    weights not loaded yet: the run directory may be opened."""
 
+    run: RunPlan
+    fingerprint: dict[str, Any]  # what a resume must match
+    resume_point: Path | None  # the checkpoint to continue from
+
+    @property
+    def config(self) -> TuneConfig:
+        return self.run.config
+
+
+def plan_training(
+    loaded: LoadedConfig, overwrite: bool, log: RunLog, resume: bool = False,
+    resume_from: str | None = None,
+) -> Planned:  # fmt: skip
+    """Check the output dir, plan the run (config, data, model, machine), and, when resuming,
+    check that the run may continue. Nothing is written."""
     output_dir = Path(loaded.config.output_dir)
     for note in loaded.notes:
         log(f"note: {note}")
@@ -234,9 +247,17 @@ def prepare(
     else:
         check_output_dir(output_dir, overwrite)
     rp = plan_run(loaded, log)
-    config, plan = rp.config, rp.plan
-    current = fingerprint(config, rp.data.sources, plan.micro_batch_size)
+    current = fingerprint(rp.config, rp.data.sources, rp.plan.micro_batch_size)
     point = resume_point(RunLayout(output_dir), current, resume_from) if resume else None
+    return Planned(rp, current, point)
+
+
+def load(planned: Planned, sample_prompts: Sequence[str], log: RunLog) -> Prepared:
+    """Load the planned run's model and add the adapter."""
+    from transformers import set_seed
+
+    rp, config = planned.run, planned.config
+    plan = rp.plan
     set_seed(config.seed)  # reinit_weights draws the weights
     changed = config.overrides_of_model_config or config.reinit_weights
     model = load_model(
@@ -263,7 +284,7 @@ def prepare(
     )
     return Prepared(
         config, plan, rp.data, rp.tokenizer, model, rp.steps, rp.per_epoch, samples,
-        rp.processor, rp.origins, current, point, base_record(rp.ref),
+        rp.processor, rp.origins, planned.fingerprint, planned.resume_point, base_record(rp.ref),
     )  # fmt: skip
 
 
@@ -385,22 +406,23 @@ def _tidy(output_dir: Path, log: RunLog) -> None:
     remove_leftovers(output_dir.parent, f"{output_dir.name}.new-", f"{output_dir.name}.old-")
 
 
-def _open_run(prep: Prepared, overwrite: bool, log: RunLog) -> RunDir:
+def _open_run(planned: Planned, overwrite: bool, log: RunLog) -> RunDir:
     """The run directory: new, staged beside a run it replaces, or the one being resumed
     (with what an interrupted write left there cleared, and later metrics forgotten)."""
-    output_dir = Path(prep.config.output_dir).resolve()
-    if prep.resume_point is None:
+    output_dir = Path(planned.config.output_dir).resolve()
+    point = planned.resume_point
+    if point is None:
         return RunDir.create(output_dir, overwrite)
     layout = RunLayout(output_dir)
     shutil.rmtree(layout.root / ".weights-staging", ignore_errors=True)  # older versions' name
     for folder in (layout.root, layout.checkpoints):
         for name in remove_leftovers(folder):
             log(f"note: removed {folder / name}, left by an interrupted write")
-    step = checkpoint_step(prep.resume_point)
+    step = checkpoint_step(point)
     truncate_metrics(layout, step)
     for name in forget_after(layout, step):
         log(f"note: removed checkpoints/{name}, saved after step {step}")
-    log(f"resuming from {prep.resume_point} (step {step})")
+    log(f"resuming from {point} (step {step})")
     return RunDir(layout, layout.root)
 
 
@@ -442,6 +464,15 @@ def _way_out(reason: str) -> str:
     return "try a lower learning_rate"
 
 
+def _retry_hint(run: RunDir, point: Path | None) -> str:
+    """The way out of a failure while the run was preparing, when the error gave none."""
+    if point is not None:
+        return f"fix that, then continue with the same command (--output {run.final} --resume)"
+    if run.layout.root != run.final:  # a replacement run: the old one stays
+        return f"fix that, then run again with --overwrite (the run in {run.final} was kept)"
+    return f"fix that, then run again with --overwrite (the failed run in {run.final} stays)"
+
+
 def _failure_status(exc: BaseException) -> dict[str, Any]:
     """The state, message and way out a failed or interrupted run records (never a secret,
     never a traceback: that is in train.log)."""
@@ -467,25 +498,28 @@ def _train(
 ) -> RunResult:  # fmt: skip
     log = RunLog(quiet)
     _tidy(Path(loaded.config.output_dir).resolve(), log)
-    prep = prepare(loaded, overwrite, sample_prompts, log, resume, resume_from)
-    run = _open_run(prep, overwrite, log)
+    planned = plan_training(loaded, overwrite, log, resume, resume_from)
+    point = planned.resume_point
+    run = _open_run(planned, overwrite, log)
     layout = run.layout
-    log.attach(layout.log, append=prep.resume_point is not None)
-    resolved = redact_data(resolved_dict(prep.config))
+    log.attach(layout.log, append=point is not None)
+    resolved = redact_data(resolved_dict(planned.config))
     write_atomic(layout.config, yaml.safe_dump(resolved, sort_keys=False))
-    clock = time.perf_counter()
     status = StatusFile(
         layout.status,
         RunStatus.begin(
-            "running", total_steps=prep.steps, fingerprint=prep.fingerprint,
-            step=checkpoint_step(prep.resume_point) if prep.resume_point else 0,
+            "preparing", doing="loading the model", total_steps=planned.run.steps,
+            fingerprint=planned.fingerprint, step=checkpoint_step(point) if point else 0,
         ),
     )  # fmt: skip
     started = status.current.started
-    tokens_before = resumed_tokens(prep.resume_point)
+    tokens_before = resumed_tokens(point)
     stop_reason = None
     stopper = StopOnSignal()
     try:
+        prep = load(planned, sample_prompts, log)
+        status.update(state="running", doing=None)
+        clock = time.perf_counter()
         trainer, stopper, rules = fit(prep, layout, log, quiet, prep.resume_point, status, stopper)
         steps = trainer.state.global_step
         if stopper.received is not None:
@@ -516,6 +550,8 @@ def _train(
     except BaseException as exc:
         # Record the failure; but a failure to record it (a full disk) must neither hide
         # this exception nor keep the clean-up from running.
+        if status.current.state == "preparing" and isinstance(exc, TunelabError) and not exc.hint:
+            exc.hint = _retry_hint(run, point)
         try:
             log.write(traceback.format_exc())
             reached = {} if stopper.step is None else {"step": stopper.step}
