@@ -108,6 +108,51 @@ def test_overwrite_replaces_the_run(tiny_model_dir, alpaca_file, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_an_overwrite_run_trains_at_its_path(tiny_model_dir, alpaca_file, tmp_path, monkeypatch):
+    """While a replacement run prepares and trains, status.json at the path is the new run's;
+    the earlier run waits in a hidden sibling, deleted once the new one completes."""
+    import os
+
+    import tunelab.train.run as train_run
+    from tunelab.rundir import read_status
+
+    out = tmp_path / "out"
+    run(tiny_model_dir, alpaca_file, out, max_steps=2)
+    seen = []
+    real = train_run.load_model
+
+    def load_model(*args, **kwargs):
+        seen.append(read_status(out / "status.json"))
+        seen.append([p.name for p in tmp_path.glob(".tunelab-tmp-out.previous-*/run")])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_run, "load_model", load_model)
+    result = run(tiny_model_dir, alpaca_file, out, overwrite=True, max_steps=3)
+    during, aside = seen
+    assert during.state == "preparing" and during.pid == os.getpid() and during.total_steps == 3
+    assert aside == ["run"] and result.run_dir == out.resolve()
+    assert read_status(out / "status.json").state == "completed"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tunelab-tmp-")]
+
+
+def test_a_failed_overwrite_puts_the_old_run_back(tiny_model_dir, alpaca_file, tmp_path,
+                                                  monkeypatch):  # fmt: skip
+    import tunelab.train.run as train_run
+
+    out = tmp_path / "out"
+    run(tiny_model_dir, alpaca_file, out, max_steps=2)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def load_model(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(train_run, "load_model", load_model)
+    with pytest.raises(RuntimeError, match="boom"):
+        run(tiny_model_dir, alpaca_file, out, overwrite=True, max_steps=3)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tunelab-tmp-")]
+
+
 def test_full_fine_tuning_saves_a_whole_model(tiny_model_dir, alpaca_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -291,7 +336,10 @@ def test_interrupted_overwrite_keeps_the_old_run(tiny_model_dir, alpaca_file, tm
         [sys.executable, "-m", "tunelab.cli", *args], stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".tunelab-tmp-out.new-*/metrics.jsonl")):  # training has started
+    # the old run is moved aside when the new one starts; then out/metrics.jsonl is the new one's
+    while not (
+        list(tmp_path.glob(".tunelab-tmp-out.previous-*")) and (out / "metrics.jsonl").exists()
+    ):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
@@ -345,7 +393,8 @@ def test_an_output_that_cannot_be_locked_is_a_clear_error(
 def test_a_replacement_cut_short_between_its_renames_is_recovered(
     tiny_model_dir, alpaca_file, tmp_path
 ):
-    """A kill between the two renames of --overwrite's swap: the finished replacement goes
+    """Older versions' --overwrite swap killed between its two renames (.new-/.old- leftovers):
+    the finished replacement goes
     into place (or, without one, the earlier run goes back); neither is ever deleted."""
     import shutil
 
@@ -364,4 +413,40 @@ def test_a_replacement_cut_short_between_its_renames_is_recovered(
         weights = (out / "adapter_model.safetensors").read_bytes()
         assert weights == (expected.run_dir / "adapter_model.safetensors").read_bytes()
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+        shutil.rmtree(out)
+
+
+def test_an_overwrite_killed_while_the_old_run_is_aside_is_recovered(
+    tiny_model_dir, alpaca_file, tmp_path
+):
+    """A replacement killed while the earlier run waits aside (before the new run has
+    completed, or before it was even started): the next train into the path puts the earlier
+    run back, discarding the killed run's files. A completed replacement stays."""
+    import shutil
+
+    from tunelab.rundir import read_status
+
+    first = run(tiny_model_dir, alpaca_file, tmp_path / "first", max_steps=1)
+    second = run(tiny_model_dir, alpaca_file, tmp_path / "second", max_steps=2)
+    out = tmp_path / "out"
+
+    def kill_with(new_run):
+        aside = tmp_path / ".tunelab-tmp-out.previous-x1"
+        shutil.copytree(first.run_dir, aside / "run")
+        if new_run is not None:
+            shutil.copytree(new_run, out)
+
+    killed = tmp_path / "killed"  # a new run cut short while it trained
+    shutil.copytree(second.run_dir, killed)
+    (killed / "adapter_model.safetensors").unlink()
+    status = json.loads((killed / "status.json").read_text())
+    (killed / "status.json").write_text(json.dumps({**status, "state": "running"}))
+    for new_run, expected in ((None, first), (killed, first), (second.run_dir, second)):
+        kill_with(new_run)
+        with pytest.raises(RunDirError, match="already holds a finished adapter"):
+            run(tiny_model_dir, alpaca_file, out, max_steps=1)
+        weights = (out / "adapter_model.safetensors").read_bytes()
+        assert weights == (expected.run_dir / "adapter_model.safetensors").read_bytes()
+        assert read_status(out / "status.json").state == "completed"
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tunelab-tmp-")]
         shutil.rmtree(out)

@@ -147,10 +147,36 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     )
 
 
+def _previous_runs(output_dir: Path) -> list[Path]:
+    """The earlier runs an ``--overwrite`` moved aside from ``output_dir`` (normally none)."""
+    stem = f"{TEMP_PREFIX}{output_dir.name}.previous-"
+    return sorted(p / "run" for p in output_dir.parent.glob(f"{stem}*") if (p / "run").is_dir())
+
+
+def _completed(layout: RunLayout) -> bool:
+    try:
+        return read_status(layout.status).state == "completed"
+    except RunDirError:
+        return False
+
+
 def recover_swap(output_dir: Path) -> str | None:
-    """Finish a swap that a killed ``--overwrite`` left half done (the old run moved aside,
-    the new one not yet in place): the finished new run goes into place, else the old one
-    back. Says what it did, or None. Call it holding the directory's lock."""
+    """Undo or finish what a killed ``--overwrite`` left: while a replacement runs, the earlier
+    run waits beside ``output_dir`` under a hidden name; unless ``output_dir`` now holds a
+    completed run, the earlier one is put back (the killed replacement's files discarded).
+    A completed replacement stays, and the earlier run is left for the leftover clean-up.
+    Older versions' half-done swaps (``.new-``/``.old-``) are finished too. Says what it did,
+    or None. Call it holding the directory's lock."""
+    previous = _previous_runs(output_dir)
+    if previous and not _completed(RunLayout(output_dir)):
+        if output_dir.exists() and any(output_dir.iterdir()):
+            if not RunLayout(output_dir).is_run():
+                return None  # not ours: touch neither
+            shutil.rmtree(output_dir)
+        elif output_dir.exists():
+            output_dir.rmdir()
+        os.replace(previous[-1], output_dir)
+        return f"{output_dir}: put the earlier run back (a replacement was cut short)"
     if output_dir.exists():
         return None
     parent, name = output_dir.parent, output_dir.name
@@ -167,36 +193,49 @@ def recover_swap(output_dir: Path) -> str | None:
 
 @dataclass
 class RunDir:
-    """Where a run writes (``layout``) and where it ends up (``final``).
+    """Where a run writes (``layout``, always its final place) and, for a run that replaces
+    another, where the earlier run waits (``previous``).
 
-    A run into a new or empty directory writes there directly. A run that replaces an
-    existing one writes into a hidden sibling and swaps it in only when it has finished,
-    so a failed run never leaves the old one half-overwritten.
+    A replacement run moves the earlier run aside to a hidden sibling when it starts and
+    writes at the path itself; the earlier run is deleted when the new one completes, or
+    put back when it fails or is interrupted, so a failed run never leaves the old one
+    half-overwritten (and :func:`recover_swap` puts it back after a kill).
     """
 
     layout: RunLayout
-    final: Path
+    previous: Path | None = None  # the hidden folder holding the earlier run (as ``run``)
+
+    @property
+    def final(self) -> Path:
+        return self.layout.root
+
+    @property
+    def replacing(self) -> bool:
+        return self.previous is not None
 
     @classmethod
     def create(cls, output_dir: Path, overwrite: bool) -> RunDir:
         check_output_dir(output_dir, overwrite)
         output_dir = output_dir.resolve()
+        previous = None
         if output_dir.exists() and any(output_dir.iterdir()):
-            staging = temporary_directory(output_dir.parent, f"{output_dir.name}.new")
-            return cls(RunLayout(staging), output_dir)
+            previous = temporary_directory(output_dir.parent, f"{output_dir.name}.previous")
+            os.replace(output_dir, previous / "run")
         output_dir.mkdir(parents=True, exist_ok=True)
-        return cls(RunLayout(output_dir), output_dir)
+        return cls(RunLayout(output_dir), previous)
 
     def finish(self) -> RunLayout:
-        """Put a finished run in its final place; returns the final layout."""
-        if self.layout.root != self.final:
-            old = temporary_directory(self.final.parent, f"{self.final.name}.old")
-            os.replace(self.final, old / "run")
-            os.replace(self.layout.root, self.final)
-            shutil.rmtree(old, ignore_errors=True)
-        return RunLayout(self.final)
+        """After the run completed: drop the earlier run it replaced; returns the layout."""
+        if self.previous is not None:
+            shutil.rmtree(self.previous, ignore_errors=True)
+            self.previous = None
+        return self.layout
 
     def abandon(self) -> None:
-        """After a failure: drop a staging directory (the old run stays as it was)."""
-        if self.layout.root != self.final:
-            shutil.rmtree(self.layout.root, ignore_errors=True)
+        """After a failure: put back the earlier run this one replaced, discarding this
+        run's files (nothing to do for a run that replaced none)."""
+        if self.previous is not None:
+            shutil.rmtree(self.final, ignore_errors=True)
+            os.replace(self.previous / "run", self.final)
+            shutil.rmtree(self.previous, ignore_errors=True)
+            self.previous = None

@@ -105,6 +105,8 @@ def describe_run(root: Path) -> dict[str, Any]:
 def list_runs(folder: Path) -> list[dict[str, Any]]:
     """One record per run directory below ``folder`` (the folder itself included)."""
     found = sorted(
-        {p.parent for p in folder.rglob("status.json") if not p.parent.name.startswith(".")}
+        p.parent
+        for p in folder.rglob("status.json")
+        if not any(part.startswith(".") for part in p.parent.relative_to(folder).parts)
     )
     return [describe_run(root) for root in found]

@@ -403,12 +403,18 @@ def _tidy(output_dir: Path, log: RunLog) -> None:
     recovered = recover_swap(output_dir)
     if recovered:
         log(f"note: {recovered}")
-    remove_leftovers(output_dir.parent, f"{output_dir.name}.new-", f"{output_dir.name}.old-")
+    remove_leftovers(
+        output_dir.parent,
+        f"{output_dir.name}.new-",
+        f"{output_dir.name}.old-",
+        f"{output_dir.name}.previous-",
+    )
 
 
 def _open_run(planned: Planned, overwrite: bool, log: RunLog) -> RunDir:
-    """The run directory: new, staged beside a run it replaces, or the one being resumed
-    (with what an interrupted write left there cleared, and later metrics forgotten)."""
+    """The run directory: new, replacing a run (moved aside until this one ends), or the one
+    being resumed (with what an interrupted write left there cleared, and later metrics
+    forgotten)."""
     output_dir = Path(planned.config.output_dir).resolve()
     point = planned.resume_point
     if point is None:
@@ -423,7 +429,7 @@ def _open_run(planned: Planned, overwrite: bool, log: RunLog) -> RunDir:
     for name in forget_after(layout, step):
         log(f"note: removed checkpoints/{name}, saved after step {step}")
     log(f"resuming from {point} (step {step})")
-    return RunDir(layout, layout.root)
+    return RunDir(layout)
 
 
 def train(
@@ -468,7 +474,7 @@ def _retry_hint(run: RunDir, point: Path | None) -> str:
     """The way out of a failure while the run was preparing, when the error gave none."""
     if point is not None:
         return f"fix that, then continue with the same command (--output {run.final} --resume)"
-    if run.layout.root != run.final:  # a replacement run: the old one stays
+    if run.replacing:  # a replacement run: the old one is put back
         return f"fix that, then run again with --overwrite (the run in {run.final} was kept)"
     return f"fix that, then run again with --overwrite (the failed run in {run.final} stays)"
 
@@ -524,10 +530,10 @@ def _train(
         steps = trainer.state.global_step
         if stopper.received is not None:
             stop_reason = stopper.reason
-            if run.layout.root != run.final:  # a replacement run: the old one stays
+            if run.replacing:  # a replacement run: the old one is put back
                 raise RunInterrupted(
                     f"stopped by signal {stopper.received} at step {steps}; the run in "
-                    f"{run.final} was left as it was and this replacement was discarded",
+                    f"{run.final} was put back as it was and this replacement was discarded",
                     "run again with --overwrite to replace it",
                 )
             raise RunInterrupted(
@@ -535,7 +541,7 @@ def _train(
                 f"continue with the same command plus --output {run.final} --resume",
             )
         if rules.failed:
-            kept = run.layout.root == run.final
+            kept = not run.replacing
             stop_reason = rules.reason
             raise TrainingFailed(
                 f"training failed: {rules.reason}",
@@ -561,6 +567,8 @@ def _train(
             with contextlib.suppress(Exception):
                 log.write(f"warning: could not record the failure in {layout.status}: {problem}")
         finally:
+            if run.replacing:  # its log goes with it: write nothing into the old run
+                log.path = None
             run.abandon()
         raise
     layout = run.finish()
