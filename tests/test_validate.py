@@ -114,3 +114,15 @@ def test_sequence_len_is_capped_at_the_models_context(gpt2_dir, tmp_path):
     with pytest.raises(ConfigError, match="sequence_len: 64 is longer than the 32 tokens"):
         train(load_config(overrides=asked), quiet=True)
     assert not (tmp_path / "again").exists()
+
+
+def test_validate_dry_run_and_train_refuse_alike(tiny_model_dir, alpaca_file, tmp_path, capsys):
+    """One planning function: a refusal the run makes, the dry run and validate make too."""
+    refusal = "reduce_lr_on_plateau (mode adaptive) needs a validation set"
+    more = ("--mode", "adaptive", "--set", "val_set_size=0")
+    code, err = validate(capsys, alpaca_file, tiny_model_dir, *more)
+    assert code == 2 and refusal in err
+    code, err = train_cli(capsys, alpaca_file, tiny_model_dir, tmp_path / "dry", "--dry-run", *more)
+    assert code == 2 and refusal in err
+    code, err = train_cli(capsys, alpaca_file, tiny_model_dir, tmp_path / "run", *more)
+    assert code == 2 and refusal in err and not (tmp_path / "run").exists()
