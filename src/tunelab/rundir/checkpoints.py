@@ -19,7 +19,8 @@ COPY_RECORD = "checkpoint.json"  # in last/ and best/
 _NUMBERED = re.compile(r"^checkpoint-(\d+)$")
 
 
-def _numbered(folder: Path) -> list[tuple[int, Path]]:
+def numbered_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(N, path) of every ``checkpoint-N`` folder, complete or not, oldest first."""
     if not folder.is_dir():
         return []
     return sorted((int(m[1]), p) for p in folder.iterdir() if (m := _NUMBERED.match(p.name)))
@@ -27,12 +28,12 @@ def _numbered(folder: Path) -> list[tuple[int, Path]]:
 
 def complete_checkpoints(folder: Path) -> list[Path]:
     """``checkpoint-N`` folders that were written to the end, oldest first."""
-    return [p for _, p in _numbered(folder) if (p / MARKER).is_file()]
+    return [p for _, p in numbered_checkpoints(folder) if (p / MARKER).is_file()]
 
 
 def incomplete_checkpoints(folder: Path) -> list[Path]:
     """``checkpoint-N`` folders a crash left without their completeness marker."""
-    return [p for _, p in _numbered(folder) if not (p / MARKER).exists()]
+    return [p for _, p in numbered_checkpoints(folder) if not (p / MARKER).exists()]
 
 
 def checkpoint_step(path: Path) -> int:

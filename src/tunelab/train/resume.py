@@ -13,10 +13,10 @@ from tunelab.rundir import (
     RunLayout,
     checkpoint_step,
     complete_checkpoints,
-    incomplete_checkpoints,
     read_json,
     read_status,
 )
+from tunelab.rundir.checkpoints import COPY_RECORD, numbered_checkpoints
 from tunelab.train.checkpoints import copy_adapter
 
 FIX = "train into a new --output, or pass --overwrite to start again"
@@ -159,15 +159,13 @@ def forget_after(layout: RunLayout, step: int) -> list[str]:
     import shutil
 
     removed = []
-    for path in complete_checkpoints(layout.checkpoints) + incomplete_checkpoints(
-        layout.checkpoints
-    ):
-        if _number(path) > step:
+    for number, path in numbered_checkpoints(layout.checkpoints):
+        if number > step:
             shutil.rmtree(path)
             removed.append(path.name)
     for name in ("last", "best"):
         copy = layout.checkpoints / name
-        if read_json(copy / "checkpoint.json").get("step", 0) > step:
+        if read_json(copy / COPY_RECORD).get("step", 0) > step:
             shutil.rmtree(copy)
             removed.append(name)
     if "best" in removed:  # the best of what is left is the best again
@@ -177,10 +175,6 @@ def forget_after(layout: RunLayout, step: int) -> list[str]:
             _, record, path = min(scored, key=lambda item: item[0])
             copy_adapter(path, layout.checkpoints / "best", record)
     return removed
-
-
-def _number(path: Path) -> int:
-    return int(path.name.removeprefix("checkpoint-"))
 
 
 __all__ = [
