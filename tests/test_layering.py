@@ -23,7 +23,9 @@ RANK = {
     "model": 2,
     "train": 3,
     "infer": 3,
-    "cli": 4,
+    "jobs": 4,
+    "cli": 5,
+    "__main__": 6,
 }
 
 

@@ -16,6 +16,7 @@ from tunelab import __version__
 from tunelab.config import BUILTIN_MODEL, TuneConfig, load_config, resolved_dict
 from tunelab.errors import TunelabError
 from tunelab.infer import commands as after
+from tunelab.jobs import commands as queue
 from tunelab.redact import redact, redact_data, redacted_output
 
 EXAMPLES = Path(__file__).parent / "examples"
@@ -307,12 +308,13 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "tensorboard": (cmd_tensorboard, "show the training curves of past runs in TensorBoard"),
     "models": (cmd_models, "list the built-in models and whether each is installed"),
     **after.COMMANDS,
+    **queue.COMMANDS,
     "help": (cmd_help, "show the help of tunelab or of one command: tunelab help train"),
 }
 CONFIG_COMMANDS = ("train", "validate", "data inspect", "preprocess")
 # Commands that read only run directories: they must not load torch or transformers (a
 # queue or a page lists runs without them).
-LIGHT_COMMANDS = ("runs", "help")
+LIGHT_COMMANDS = ("runs", "help", *queue.LIGHT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
             _add_config_options(p)
         if name in after.COMMANDS:
             after.add_arguments(name, p)
+        if name in queue.COMMANDS:
+            queue.add_arguments(name, p)
         if name == "preprocess":
             p.add_argument("--prepared-path", help="where to keep it (default: the config's "
                            "dataset_prepared_path, else last_run_prepared)")  # fmt: skip
@@ -418,9 +422,11 @@ def main(argv: list[str] | None = None) -> int:
             return handler(args)
     except TunelabError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
+        _report(exc.exit_code, exc.message, exc.hint)
         return exc.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
+        _report(130, "interrupted")
         return 130
     except Exception as exc:  # a crash, not bad input: say what, keep the details in the log
         if os.environ.get("TUNELAB_DEBUG"):
@@ -428,7 +434,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
         where = "the run's train.log; " if args.command in ("train", "demo") else ""
         print(f"  (the traceback: {where}TUNELAB_DEBUG=1 shows it here)", file=sys.stderr)
+        _report(1, f"{type(exc).__name__}: {str(exc).strip()}", f"the traceback: {where}"
+                "TUNELAB_DEBUG=1 shows it")  # fmt: skip
         return 1
+
+
+def _report(code: int, message: str, hint: str | None = None) -> None:
+    """For a job's worker (``TUNELAB_RESULT_FILE``): the error as data, not console text."""
+    target = os.environ.get("TUNELAB_RESULT_FILE")
+    if target:
+        record = {"exit_code": code, "error": redact(message), "hint": redact(hint or "") or None}
+        Path(target).write_text(json.dumps(record), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ starting with the dotted path of the key it is about.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 from dataclasses import dataclass, field
@@ -329,22 +330,28 @@ def load_config(
     path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     sets: list[str] | None = None,
+    *,
+    data: dict[str, Any] | None = None,
+    source_dir: Path | None = None,
+    source: str | None = None,
 ) -> LoadedConfig:
     """Read ``path`` (optional), apply ``overrides`` then ``--set`` items, and validate.
 
     ``overrides`` maps dotted keys to values (from named CLI flags); ``sets`` are
-    ``key=value`` strings. Both win over the file, ``sets`` last.
+    ``key=value`` strings. Both win over the file, ``sets`` last. Without a ``path``,
+    ``data`` is the config as a mapping (read from ``source``, in ``source_dir``, if given).
     """
     notes: list[str] = []
     problems: list[str] = []
-    raw = read_config_file(path) if path else {}
+    raw = read_config_file(path) if path else copy.deepcopy(data or {})
+    source_dir = Path(path).parent if path else source_dir
     data = unwrap_request(raw, notes)
     dialect = recognise(data, request=data is not raw)
     note = dialect_note(data, dialect, request=data is not raw)
     if note:
         notes.append(note)
     data = drop_empty(data)
-    data = translate(data, dialect, notes, problems, Path(path).parent if path else None)
+    data = translate(data, dialect, notes, problems, source_dir)
     filled = data.pop(FILLED, {})
     data = _rename_aliases(data, problems)
     origins = {key: filled.get(key, "file") for key in data}
@@ -361,8 +368,8 @@ def load_config(
             f"set {SECRETS[key]} in the environment instead"
         )
     data = _split_unknown(data, notes, problems)
-    source = str(path) if path else None
-    problems += _location_problems(data, Path(path).parent if path else None)
+    source = str(path) if path else source
+    problems += _location_problems(data, source_dir)
     problems += _masked_passwords(data)
     try:
         config = TuneConfig.model_validate(data)
