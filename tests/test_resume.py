@@ -246,3 +246,35 @@ def test_resuming_from_an_earlier_checkpoint_forgets_what_came_after(tiny_model_
     earlier = [marks["checkpoint-4"], marks["checkpoint-8"]]
     assert best == min(earlier, key=lambda m: m["eval_loss"])  # the best of what is left
     assert not (layout.checkpoints / "last").exists()  # the resumed run writes it again
+
+
+@pytest.mark.cpu_only(
+    reason="losses of a resumed run equal an unbroken run's to 1e-4: bitwise repeatable on a CPU"
+)
+def test_a_run_resumed_at_an_epoch_boundary_matches_an_unbroken_one(tiny_model_dir, tmp_path):
+    """Every checkpoint here ends an epoch (two training rows, batch 2). transformers loads
+    the checkpoint's RNG state after the next epoch began; the state saved must be the one
+    that epoch's seed gives, or dropout and batch order drift after the resume."""
+    from .conftest import MEMORISE
+
+    data = write_json(tmp_path / "d.json", MEMORISE * 3)  # 4 distinct rows: 2 train, 2 held out
+    whole = train(
+        load_config(overrides=settings(tiny_model_dir, data, tmp_path / "whole")), quiet=True
+    )
+    assert whole.steps == 16
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cli(*args_for(tiny_model_dir, data, out)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "checkpoint-8" / MARKER).is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before step 8"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(cli(*args_for(tiny_model_dir, data, out), "--resume"),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    expected, got = losses(whole.run_dir), losses(out)
+    assert got.keys() == expected.keys()
+    differ = {k: (got[k], expected[k]) for k in expected if abs(got[k] - expected[k]) >= 1e-4}
+    assert not differ, differ

@@ -10,6 +10,7 @@ is ignored and the previous one is used.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import signal
@@ -119,3 +120,31 @@ class EpochSeedCallback(TrainerCallback):
         import torch
 
         torch.manual_seed(args.seed + int(state.epoch or 0))
+
+    def on_save(self, args, state, control, **kwargs):
+        """A checkpoint at the end of an epoch: a run resumed from it starts the next epoch
+        with the RNG state the checkpoint holds (transformers loads it after the epoch
+        began), so that state must be the one this epoch's seed gives, not the state the
+        last step left behind. Runs before the checkpoint is marked complete."""
+        import torch
+
+        epoch = state.epoch or 0.0
+        rng_file = Path(args.output_dir) / f"checkpoint-{state.global_step}" / "rng_state.pth"
+        if epoch != int(epoch) or not rng_file.is_file():
+            return
+        saved = torch.load(rng_file, weights_only=False)
+        kept = torch.random.get_rng_state()
+        kept_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        torch.manual_seed(args.seed + int(epoch))
+        saved["cpu"] = torch.random.get_rng_state()
+        if "cuda" in saved and kept_cuda is not None:
+            all_devices = isinstance(saved["cuda"], (list, tuple))
+            saved["cuda"] = (
+                torch.cuda.get_rng_state_all() if all_devices else (torch.cuda.get_rng_state())
+            )
+        torch.random.set_rng_state(kept)
+        if kept_cuda is not None:
+            torch.cuda.set_rng_state_all(kept_cuda)
+        buffer = io.BytesIO()
+        torch.save(saved, buffer)
+        write_atomic(rng_file, buffer.getvalue())

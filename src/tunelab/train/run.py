@@ -319,6 +319,11 @@ def fit(
         console,
         rules,
         PlotCallback(layout.metrics, layout.plot),
+        *(
+            [EpochSeedCallback()]
+            if prep.config.group_by_length and not prep.config.circular
+            else []
+        ),  # before the checkpoint is marked complete: it amends the checkpoint
         CheckpointCallback(layout.checkpoints),
         stopper,
     ]
@@ -333,8 +338,6 @@ def fit(
         cycles = cycles[: prep.steps]
         if prep.data.eval:
             callbacks.append(cycle_end_callback(ends))
-    elif prep.config.group_by_length:
-        callbacks.append(EpochSeedCallback())
     images = bool(prep.data.train) and "images" in prep.data.train[0]
     args = training_arguments(
         prep.config, prep.plan, layout, prep.steps, prep.per_epoch, bool(prep.data.eval), images
