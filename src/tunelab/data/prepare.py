@@ -272,7 +272,9 @@ def load_examples(config: TuneConfig, read_hub: bool = True) -> LoadedData:
     examples: list[Example] = []
     reports: list[SourceReport] = []
     for n, source in enumerate(config.datasets):
-        tables = expand(source.path, source.split, notes, read_hub, source.name, source.data_files)
+        tables = expand(
+            source.path, source.split, notes, read_hub, source.name, source.data_files, source.query
+        )
         for table in tables:
             if not table.rows and not (table.text or "").strip():
                 raise DataError(f"{table.name}: the dataset is empty (no rows)", "add examples")

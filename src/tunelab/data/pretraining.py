@@ -29,6 +29,7 @@ from tunelab.data.documents import pretrain_windows
 from tunelab.data.formats import RowError, text_field
 from tunelab.data.sources import FILE_SUFFIXES, read_json
 from tunelab.errors import DataError
+from tunelab.redact import redact
 from tunelab.textfile import loads_json
 
 
@@ -60,6 +61,12 @@ def check_sources(config: TuneConfig) -> list[str]:
     """Check each ``pretraining_dataset`` path names something (nothing is read yet)."""
     notes = []
     for source in config.pretraining_dataset or []:
+        if DatasetSource.database_kind(source.path):
+            raise DataError(
+                f"pretraining_dataset: {redact(source.path)}: rows from a database are not "
+                "streamed",
+                "put it under datasets, with its query and type: pretrain",
+            )
         problem = data_path_problem(source.path)
         if problem:
             raise DataError(f"pretraining_dataset: {problem}")

@@ -1,4 +1,5 @@
-"""Where rows come from: files, globs, directories, saved datasets, registries, the hub.
+"""Where rows come from: files, globs, directories, saved datasets, registries, the hub,
+and SQL queries on a database.
 
 A ``datasets`` entry's ``path`` expands into :class:`Table` objects, one per file or
 dataset, each with its rows (and where each row came from) and, when the source says
@@ -12,14 +13,24 @@ import glob
 import hashlib
 import io
 import json
+import sqlite3
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.config.locations import REGISTRY, split_paths
+from tunelab.config.locations import (
+    REGISTRY,
+    database_kind,
+    database_problem,
+    select_problem,
+    split_paths,
+    sqlite_file,
+)
 from tunelab.data.formats import Mapping
 from tunelab.errors import DataError
 from tunelab.network import HubUnavailable, hub_or_cache
+from tunelab.redact import redact
 from tunelab.textfile import loads_json, read_text
 
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
@@ -206,6 +217,98 @@ def read_hub(dataset_id: str, split: str, name: str | None = None, data_files: A
     return Table(f"{dataset_id}:{split}", _dataset_rows(ds))
 
 
+# --- SQL queries on a database ----------------------------------------------------------
+
+
+def _engine(url: str) -> Any:
+    """A SQLAlchemy engine that only reads: SQLite opened read-only, PostgreSQL (psycopg 3)
+    in read-only transactions."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    if database_kind(url) == "sqlite":
+        uri = sqlite_file(url).resolve().as_uri() + "?mode=ro"
+        return sqlalchemy.create_engine(
+            "sqlite://", creator=lambda: sqlite3.connect(uri, uri=True), poolclass=NullPool
+        )
+    address = sqlalchemy.engine.make_url(url.strip()).set(drivername="postgresql+psycopg")
+    return sqlalchemy.create_engine(
+        address,
+        poolclass=NullPool,
+        connect_args={"options": "-c default_transaction_read_only=on", "connect_timeout": 30},
+    )
+
+
+def _first_cause(exc: BaseException) -> BaseException:
+    """The error the database driver raised, under the layers datasets and SQLAlchemy add."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def _sqlite_tables(url: str) -> list[str]:
+    try:
+        uri = sqlite_file(url).resolve().as_uri() + "?mode=ro"
+        with sqlite3.connect(uri, uri=True) as db:
+            rows = db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")
+            return sorted(name for (name,) in rows)
+    except sqlite3.Error:
+        return []
+
+
+def _query_rows(url: str, query: str, shown: str) -> list[Row]:
+    """Rows of ``query`` through ``datasets.Dataset.from_sql``, never from its cache."""
+    import datasets
+    from datasets.utils.tqdm import are_progress_bars_disabled
+
+    quiet = are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    engine = _engine(url)
+    try:  # a fresh cache folder: datasets would serve the rows of an earlier, same query
+        with tempfile.TemporaryDirectory(prefix="tunelab-sql-") as cache:
+            ds = datasets.Dataset.from_sql(query, con=engine, cache_dir=cache, keep_in_memory=True)
+            return _dataset_rows(ds)
+    except Exception as exc:  # datasets wraps what SQLAlchemy and the driver raise
+        cause = _first_cause(exc)
+        if isinstance(cause, ValueError) and "corresponds to no data" in str(cause):
+            return []  # datasets' word for a query that returned no rows
+        tables = _sqlite_tables(url) if database_kind(url) == "sqlite" else []
+        raise DataError(
+            f"{shown}: the query failed: {redact(str(cause).strip())}",
+            "check that the database is reachable and that the query runs there by itself"
+            + (f"; the database has tables {tables}" if tables else ""),
+        ) from None
+    finally:
+        engine.dispose()
+        if not quiet:
+            datasets.enable_progress_bars()
+
+
+def read_sql(url: str, query: str) -> Table:
+    """The rows a read-only ``query`` returns from a SQLite or PostgreSQL database.
+
+    The table's ``sha256`` covers the URL (without its password), the query and the rows,
+    so that a prepared dataset made from them is not reused once the rows change.
+    """
+    short = " ".join(query.split())
+    short = short if len(short) <= 120 else short[:117] + "..."
+    shown = f"database {redact(url.strip())} (query: {short})"
+    problem = database_problem(url) or select_problem(query)
+    if problem:
+        raise DataError(f"{shown}: {problem}", "fix the path and query of this datasets entry")
+    rows = _query_rows(url, query, shown)
+    if not rows:
+        raise DataError(
+            f"{shown}: the query returned no rows",
+            "check its WHERE clause and that the table holds the training rows",
+        )
+    content = json.dumps(
+        [redact(url.strip()), query, [r.data for r in rows]], sort_keys=True, default=str
+    )
+    folder = sqlite_file(url).resolve().parent if database_kind(url) == "sqlite" else None
+    return Table(shown, rows, hashlib.sha256(content.encode()).hexdigest(), folder=folder)
+
+
 # --- LLaMA-Factory registries -----------------------------------------------------------
 
 
@@ -341,12 +444,34 @@ def expand(
     hub: bool = True,
     name: str | None = None,
     data_files: Any = None,
+    query: str | None = None,
 ) -> list[Table]:
     """All tables a ``datasets`` path names; a path that names nothing is an error.
 
     With ``hub=False`` hub ids give no table (nothing is downloaded). ``name`` is the
-    configuration of a hub dataset; for local data it is noted and not used.
+    configuration of a hub dataset; for local data it is noted and not used. A database
+    URL gives the one table its ``query`` returns.
     """
+    if database_kind(path):
+        shown = f"database {redact(path.strip())}"
+        if query is None:
+            raise DataError(
+                f"{shown}: a database path needs a query",
+                "add query: SELECT ... (the statement that gives the rows) to this datasets entry",
+            )
+        if data_files is not None:
+            raise DataError(
+                f"{shown}: data_files picks files from a hub dataset; this is a database",
+                "leave data_files out; the query chooses the rows",
+            )
+        if name is not None:
+            notes.append(f"{shown}: name '{name}' (a hub dataset's configuration) is not used")
+        return [read_sql(path, query)]
+    if query is not None:
+        raise DataError(
+            f"{path}: query applies only to a database URL (sqlite:///file.db, postgresql://...)",
+            "leave query out for files and hub datasets",
+        )
     tables: list[Table] = []
     for part in split_paths(path):
         tables += _expand_one(part, split, notes, hub, name, data_files)
@@ -356,6 +481,12 @@ def expand(
 def _expand_one(
     part: str, split: str, notes: list[str], hub: bool, name: str | None, data_files: Any
 ) -> list[Table]:
+    if database_kind(part):
+        raise DataError(
+            f"'{redact(part)}': a database URL is the whole path of a datasets entry, with its "
+            "query",
+            "give the database an entry of its own",
+        )
     part, names = _split_selector(part)
     p = Path(part).expanduser()
     if any(ch in part for ch in "*?["):
