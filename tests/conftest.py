@@ -258,3 +258,21 @@ def cli(args, capsys):
     assert "Traceback" not in out + err
     cli.out = out
     return code, err
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server this test session started (see tests/postgres.py)."""
+    from .postgres import PostgresServer
+
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """An empty job store: an SQLite file, then a database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'lab.db'}"
+    return request.getfixturevalue("postgres").new_database()

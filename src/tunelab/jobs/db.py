@@ -216,7 +216,8 @@ def migrate(engine: Engine) -> None:
         current = MigrationContext.configure(connection).get_current_revision()
         if current == head:
             return
-        if current is not None and script.get_revision(current) is None:
+        known = {r.revision for r in script.walk_revisions()}
+        if current is not None and current not in known:
             raise TunelabError(
                 f"the job store was made by a newer tunelab (schema {current})",
                 "upgrade tunelab on this machine to the version the other machines run",
