@@ -441,7 +441,9 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
             "--devices", default="cpu", help="cpu (default), or the GPUs to use, one job each: 0,1"
         )
         p.add_argument("--once", action="store_true", help="run one job, then exit")
-        p.add_argument("--drain", action="store_true", help="exit when the queue is empty")
+        p.add_argument(
+            "--drain", action="store_true", help="exit once every job of the lab has ended"
+        )
         p.add_argument("--job", type=int, help="run this queued job only, then exit")
         p.add_argument(
             "--lease",

@@ -123,9 +123,13 @@ class Worker:
                 signal.signal(s, handler)
 
     def done(self) -> bool:
-        """Whether a worker with nothing to run exits (``--once``, ``--drain``, ``--job``)."""
+        """Whether a worker with nothing to run exits: ``--once`` and ``--job`` when nothing
+        is there to take; ``--drain`` once no job is left queued or running (a running job
+        of a worker that died comes back to the queue when its lease expires)."""
         s = self.settings
-        return s.once or s.drain or s.job_id is not None
+        if s.drain:
+            return not self.store.jobs(["queued", "running"])
+        return s.once or s.job_id is not None
 
     def free_devices(self) -> list[str]:
         busy = {r.device for r in self.running.values()}
