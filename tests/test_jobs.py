@@ -279,3 +279,19 @@ def test_a_stalled_workers_job_is_stopped_before_another_worker_takes_it(tiny_mo
             w.terminate()
             w.wait(timeout=120)
     lab.close()
+
+
+def test_submit_wait_follows_the_job_to_its_end(tiny_model_dir, tmp_path):
+    lab_dir = tmp_path / "lab"
+    worker = start_worker(lab_dir)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "tunelab", "submit", str(write_config(tmp_path, tiny_model_dir)),
+             "--lab", str(lab_dir), "--wait"], capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        worker.terminate()
+        assert worker.wait(timeout=120) == 0
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == f"job 1 completed: {lab_dir / 'runs' / 'cfg-1'}"
+    assert "job 1: step 2/2, loss " in done.stderr

@@ -51,6 +51,17 @@ def args_for(model_dir, data, out):
     return base
 
 
+def _kill_after_step_8(command, out):
+    """Run ``command`` and SIGKILL it once its checkpoint at step 8 is complete."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "checkpoint-8" / MARKER).is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before step 8"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def test_checkpoints_are_marked_with_last_and_best(tiny_model_dir, tmp_path):
     data = write_json(tmp_path / "d.json", ROWS)
     result = train(
@@ -76,14 +87,7 @@ def test_killed_run_resumes_to_the_same_losses(tiny_model_dir, tmp_path):
         load_config(overrides=settings(tiny_model_dir, data, tmp_path / "whole")), quiet=True
     )
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cli(*args_for(tiny_model_dir, data, out), "--set", "max_steps=16"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoints" / "checkpoint-8" / MARKER).is_file():
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before step 8"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_after_step_8(cli(*args_for(tiny_model_dir, data, out), "--set", "max_steps=16"), out)
     assert json.loads((out / "status.json").read_text())["state"] == "running"  # it never knew
     done = subprocess.run(
         cli(*args_for(tiny_model_dir, data, out), "--resume"),
@@ -263,14 +267,7 @@ def test_a_run_resumed_at_an_epoch_boundary_matches_an_unbroken_one(tiny_model_d
     )
     assert whole.steps == 16
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cli(*args_for(tiny_model_dir, data, out)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoints" / "checkpoint-8" / MARKER).is_file():
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before step 8"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_after_step_8(cli(*args_for(tiny_model_dir, data, out)), out)
     done = subprocess.run(cli(*args_for(tiny_model_dir, data, out), "--resume"),
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr

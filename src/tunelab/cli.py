@@ -14,6 +14,7 @@ import yaml
 
 from tunelab import __version__
 from tunelab.config import BUILTIN_MODEL, TuneConfig, load_config, resolved_dict
+from tunelab.config.load import add_set_option
 from tunelab.errors import TunelabError
 from tunelab.infer import commands as after
 from tunelab.jobs import commands as queue
@@ -65,13 +66,8 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
             f"{fields[key].description} [{key}]" if flag != "--model" else "same as --base-model"
         )
         p.add_argument(flag, dest=key, type=kind, help=help_text)
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="set any config key (dotted for nested, e.g. datasets.0.type=alpaca); repeatable",
+    add_set_option(
+        p, "set any config key (dotted for nested, e.g. datasets.0.type=alpaca); repeatable"
     )
 
 

@@ -133,6 +133,13 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
             raise ConfigError([f"{dotted}: '{'.'.join(parts[:i])}' is a value, not a mapping"])
 
 
+def add_set_option(parser: Any, help_text: str) -> None:
+    """The ``--set KEY=VALUE`` option (repeatable) of the commands that take a config."""
+    parser.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help=help_text
+    )
+
+
 def parse_set(item: str) -> tuple[str, Any]:
     """``key=value`` from ``--set``; the value is read as YAML (numbers, true, lists)."""
     key, sep, raw = item.partition("=")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunelab.config.load import add_set_option
 from tunelab.errors import TunelabError
 
 LIGHT = (
@@ -466,20 +467,13 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--from-run", help="copy the settings of this run instead")
         p.add_argument("--description", help="a line saying what it is for")
         p.add_argument("--replace", action="store_true", help="overwrite a template of that name")
-        p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+        add_set_option(p, "change a setting of the config (dotted keys), repeatable")
     elif name in ("template show", "template delete"):
         p.add_argument("name", help="the template's name")
     elif name == "submit":
         p.add_argument("config", nargs="?", help="a config file, or a RunPod-style request.json")
         p.add_argument("--template", help="queue this template instead of a file")
-        p.add_argument(
-            "--set",
-            dest="sets",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="change a setting (dotted keys), repeatable",
-        )
+        add_set_option(p, "change a setting (dotted keys), repeatable")
         p.add_argument(
             "--sweep",
             action="append",
