@@ -18,6 +18,8 @@ def _stop_with_parent(parent: int) -> None:
     """In the child, before exec: SIGTERM when the worker dies (the run saves a checkpoint
     and stops), even when the worker is SIGKILLed and can stop nothing itself."""
     libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "prctl"):  # Linux only; elsewhere the lease alone tells
+        return
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the worker died before the line above
         os.kill(os.getpid(), signal.SIGTERM)

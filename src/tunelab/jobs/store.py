@@ -118,6 +118,16 @@ class Store:
         with self._session() as s:
             return list(s.scalars(query))
 
+    def count(self, states: Sequence[str]) -> int:
+        """How many jobs are in one of ``states``."""
+        with self._session() as s:
+            return s.scalar(select(func.count()).where(JobRow.state.in_(states)))
+
+    def groups(self) -> set[str]:
+        """The group names sweeps have used."""
+        with self._session() as s:
+            return set(s.scalars(select(JobRow.group).where(JobRow.group.is_not(None))))
+
     def queue_order(self) -> list[int]:
         """Queued jobs' ids in the order workers take them."""
         with self._session() as s:

@@ -208,7 +208,7 @@ def _raw(store: Store, sub: Submission) -> tuple[dict[str, Any], Path | None, st
 
 def _group_name(store: Store, base: str) -> str:
     """``BASE-sweepN``: the first N no job's group has."""
-    taken = {j.group for j in store.jobs() if j.group}
+    taken = store.groups()
     return next(f"{base}-sweep{n}" for n in itertools.count(1) if f"{base}-sweep{n}" not in taken)
 
 

@@ -128,7 +128,7 @@ class Worker:
         of a worker that died comes back to the queue when its lease expires)."""
         s = self.settings
         if s.drain:
-            return not self.store.jobs(["queued", "running"])
+            return self.store.count(["queued", "running"]) == 0
         return s.once or s.job_id is not None
 
     def free_devices(self) -> list[str]:
