@@ -24,8 +24,9 @@ RANK = {
     "train": 3,
     "infer": 3,
     "jobs": 4,
-    "cli": 5,
-    "__main__": 6,
+    "server": 5,
+    "cli": 6,
+    "__main__": 7,
 }
 
 

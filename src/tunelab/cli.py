@@ -19,6 +19,7 @@ from tunelab.errors import TunelabError
 from tunelab.infer import commands as after
 from tunelab.jobs import commands as queue
 from tunelab.redact import redact, redact_data, redacted_output
+from tunelab.server import commands as server
 
 EXAMPLES = Path(__file__).parent / "examples"
 DEMO_PROMPT = "What is your name?"
@@ -305,12 +306,13 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "models": (cmd_models, "list the built-in models and whether each is installed"),
     **after.COMMANDS,
     **queue.COMMANDS,
+    **server.COMMANDS,
     "help": (cmd_help, "show the help of tunelab or of one command: tunelab help train"),
 }
 CONFIG_COMMANDS = ("train", "validate", "data inspect", "preprocess")
 # Commands that read only run directories: they must not load torch or transformers (a
 # queue or a page lists runs without them).
-LIGHT_COMMANDS = ("runs", "help", *queue.LIGHT)
+LIGHT_COMMANDS = ("runs", "help", *queue.LIGHT, *server.LIGHT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
             after.add_arguments(name, p)
         if name in queue.COMMANDS:
             queue.add_arguments(name, p)
+        if name in server.COMMANDS:
+            server.add_arguments(name, p)
         if name == "preprocess":
             p.add_argument("--prepared-path", help="where to keep it (default: the config's "
                            "dataset_prepared_path, else last_run_prepared)")  # fmt: skip
@@ -418,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             return handler(args)
     except TunelabError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
-        _report(exc.exit_code, exc.message, exc.hint)
+        _report(exc.exit_code, exc.message, exc.hint, getattr(exc, "problems", None))
         return exc.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
@@ -435,11 +439,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _report(code: int, message: str, hint: str | None = None) -> None:
-    """For a job's worker (``TUNELAB_RESULT_FILE``): the error as data, not console text."""
+def _report(
+    code: int, message: str, hint: str | None = None, problems: list[str] | None = None
+) -> None:
+    """For a job's worker or the server (``TUNELAB_RESULT_FILE``): the error as data, not
+    console text; a config's problems one by one."""
     target = os.environ.get("TUNELAB_RESULT_FILE")
     if target:
-        record = {"exit_code": code, "error": redact(message), "hint": redact(hint or "") or None}
+        record = {"exit_code": code, "error": redact(message), "hint": redact(hint or "") or None,
+                  "problems": [redact(p) for p in problems] if problems else None}  # fmt: skip
         Path(target).write_text(json.dumps(record), encoding="utf-8")
 
 

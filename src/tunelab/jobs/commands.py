@@ -322,28 +322,11 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_retry(args: argparse.Namespace) -> int:
+    from tunelab.jobs.submit import retry
+
     with _lab(args) as lab:
         old = lab.store.job(args.job)
-        if old.state not in ("failed", "stopped"):
-            raise TunelabError(
-                f"job {old.id} is {old.state}; only a failed or stopped job is retried"
-            )
-        n = 1
-        while lab.store.name_taken(f"{old.name}.retry{n}"):
-            n += 1
-        new = lab.store.add_job(
-            reason=f"retry of job {old.id}",
-            name=f"{old.name}.retry{n}",
-            config=old.config,
-            run_dir=old.run_dir,
-            template=old.template,
-            group=old.group,
-            owner=old.owner,
-            model_id=old.model_id,
-            retry_of=old.id,
-            priority=old.priority,
-            max_attempts=old.max_attempts,
-        )
+        new = retry(lab.store, old)
     print(new.id)
     _say(f"job {new.id} queued: it continues {old.run_dir} from its last complete checkpoint")
     if old.request_id:

@@ -269,3 +269,24 @@ def _names(base: str, label: str, wanted: str | None) -> Iterator[str]:
 
 def parse_sets(sets: Sequence[str]) -> list[tuple[str, Any]]:
     return [parse_set(s) for s in sets]
+
+
+def retry(store: Store, old: JobRow) -> JobRow:
+    """Queue a failed or stopped job again: a new job on the same config that continues the
+    same run from its last complete checkpoint (a finished job itself never changes)."""
+    if old.state not in ("failed", "stopped"):
+        raise TunelabError(f"job {old.id} is {old.state}; only a failed or stopped job is retried")
+    n = next(n for n in itertools.count(1) if not store.name_taken(f"{old.name}.retry{n}"))
+    return store.add_job(
+        reason=f"retry of job {old.id}",
+        name=f"{old.name}.retry{n}",
+        config=old.config,
+        run_dir=old.run_dir,
+        template=old.template,
+        group=old.group,
+        owner=old.owner,
+        model_id=old.model_id,
+        retry_of=old.id,
+        priority=old.priority,
+        max_attempts=old.max_attempts,
+    )

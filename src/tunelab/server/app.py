@@ -1,0 +1,216 @@
+"""The REST API over a lab: templates, jobs (with their logs and metrics as server-sent
+events that resume from the last event id), runs and checkpoints. Errors are the lists
+the CLI prints: 422 with each problem's dotted path."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import BaseModel, Field
+
+from tunelab import __version__
+from tunelab.config import LoadedConfig
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.jobs.lab import LabPaths
+from tunelab.jobs.states import FINAL
+from tunelab.jobs.store import NotFound, Store
+from tunelab.jobs.submit import Submission, given_config, retry, submit
+from tunelab.jobs.templates import save_template
+from tunelab.jobs.views import checkpoint_rows, job_record, run_rows, template_record
+from tunelab.rundir import RunLayout
+from tunelab.server.auth import Access
+from tunelab.server.checks import validate_in_subprocess
+from tunelab.server.paths import outside
+
+POLL = 0.5  # seconds between looks at a log or metrics file that is still growing
+
+
+class TemplateIn(BaseModel):
+    name: str = Field(description="the template's name")
+    config: dict[str, Any] = Field(description="the config, as a mapping of its keys")
+    description: str | None = Field(None, description="a line saying what it is for")
+    replace: bool = Field(False, description="overwrite a template of that name")
+
+
+class JobIn(BaseModel):
+    """One of: ``config`` (a mapping), ``template`` (with ``set``), or ``input`` (a
+    RunPod-style request)."""
+
+    config: dict[str, Any] | None = None
+    template: str | None = None
+    input: dict[str, Any] | None = None
+    set: list[str] = Field(default_factory=list, description="KEY=VALUE changes")
+    sweep: list[str] = Field(default_factory=list, description="KEY=V1,V2: a job per value")
+    name: str | None = None
+    priority: int = 0
+    max_attempts: int = 3
+
+
+def _problem(text: str) -> dict[str, str]:
+    path, sep, message = text.partition(": ")
+    dotted = sep and " " not in path
+    return {"path": path if dotted else "", "message": message if dotted else text}
+
+
+def create_app(paths: LabPaths, store: Store, access: Access, data_roots: list[Path]) -> FastAPI:
+    """The application for one lab."""
+    app = FastAPI(title="tunelab", version=__version__, docs_url=None, redoc_url=None)
+    allowed = [paths.root, *data_roots]
+
+    def guard(request: Request) -> None:
+        access.check(request)
+
+    def check(loaded: LoadedConfig) -> None:
+        problems = outside(given_config(loaded), allowed)
+        if problems:
+            raise ConfigError(problems)
+        validate_in_subprocess(loaded)
+
+    @app.exception_handler(TunelabError)
+    async def _tunelab_error(request: Request, exc: TunelabError) -> JSONResponse:
+        if isinstance(exc, ConfigError):
+            return JSONResponse({"detail": [_problem(p) for p in exc.problems]}, 422)
+        status = 404 if isinstance(exc, NotFound) else 409
+        return JSONResponse({"detail": exc.message, "hint": exc.hint}, status)
+
+    api = [Depends(guard)]
+
+    @app.get("/api/health")
+    def health() -> dict[str, Any]:
+        return {"tunelab": __version__, "lab": str(paths.root)}
+
+    # -- templates ---------------------------------------------------------------------
+    @app.get("/api/templates", dependencies=api)
+    def templates() -> list[dict[str, Any]]:
+        return [template_record(t) for t in store.templates()]
+
+    @app.post("/api/templates", dependencies=api, status_code=201)
+    def create_template(body: TemplateIn) -> dict[str, Any]:
+        row = save_template(paths, store, body.name, body.config, check, body.description,
+                            body.replace)  # fmt: skip
+        return template_record(row)
+
+    @app.get("/api/templates/{name}", dependencies=api)
+    def template(name: str) -> dict[str, Any]:
+        return template_record(store.template(name))
+
+    @app.put("/api/templates/{name}", dependencies=api)
+    def update_template(name: str, body: TemplateIn) -> dict[str, Any]:
+        store.template(name)  # 404 for a template that is not there
+        row = save_template(paths, store, name, body.config, check, body.description, True)
+        return template_record(row)
+
+    @app.delete("/api/templates/{name}", dependencies=api, status_code=204)
+    def delete_template(name: str) -> None:
+        store.delete_template(name)
+
+    # -- jobs ----------------------------------------------------------------------------
+    @app.get("/api/jobs", dependencies=api)
+    def jobs(state: str | None = None, group: str | None = None) -> list[dict[str, Any]]:
+        order = store.queue_order()
+        return [job_record(store, j, order=order) for j in store.jobs([state] if state else None,
+                                                                      group)]  # fmt: skip
+
+    @app.post("/api/jobs", dependencies=api, status_code=201)
+    def create_job(body: JobIn) -> list[dict[str, Any]]:
+        given = [k for k in ("config", "template", "input") if getattr(body, k) is not None]
+        if len(given) != 1:
+            raise HTTPException(422, "give one of config, template or input (a request)")
+        source = {"input": body.input} if body.input is not None else body.config
+        sub = Submission(source, body.template, body.set, body.sweep, body.name, body.priority,
+                         body.max_attempts)  # fmt: skip
+        queued = submit(paths, store, sub, check)
+        return [job_record(store, j) for j in queued.jobs]
+
+    @app.get("/api/jobs/{ref}", dependencies=api)
+    def job(ref: str) -> dict[str, Any]:
+        return job_record(store, store.job(ref), events=True)
+
+    @app.post("/api/jobs/{ref}/cancel", dependencies=api)
+    def cancel(ref: str) -> dict[str, Any]:
+        row = store.request_cancel(store.job(ref).id, "cancelled through the API")
+        return job_record(store, row)
+
+    @app.post("/api/jobs/{ref}/retry", dependencies=api, status_code=201)
+    def retry_job(ref: str) -> dict[str, Any]:
+        return job_record(store, retry(store, store.job(ref)))
+
+    @app.delete("/api/jobs/{ref}", dependencies=api, status_code=204)
+    def delete_job(ref: str) -> None:
+        store.delete_job(store.job(ref).id)
+
+    @app.get("/api/jobs/{ref}/logs", dependencies=api, response_class=EventSourceResponse)
+    async def logs(
+        ref: str, last_event_id: str | None = Header(None)
+    ) -> AsyncIterator[ServerSentEvent]:
+        row = await run_in_threadpool(store.job, ref)
+        async for event in _follow(store, row.id, paths.log(row.id), _offset(last_event_id),
+                                   text=True):  # fmt: skip
+            yield event
+
+    @app.get("/api/jobs/{ref}/metrics", dependencies=api, response_class=EventSourceResponse)
+    async def metrics(
+        ref: str, last_event_id: str | None = Header(None)
+    ) -> AsyncIterator[ServerSentEvent]:
+        row = await run_in_threadpool(store.job, ref)
+        metrics_file = RunLayout(Path(row.run_dir)).metrics
+        async for event in _follow(store, row.id, metrics_file, _offset(last_event_id),
+                                   text=False):  # fmt: skip
+            yield event
+
+    # -- runs ----------------------------------------------------------------------------
+    @app.get("/api/runs", dependencies=api)
+    def runs() -> list[dict[str, Any]]:
+        return run_rows(paths.runs)
+
+    @app.get("/api/runs/{name}/checkpoints", dependencies=api)
+    def checkpoints(name: str) -> list[dict[str, Any]]:
+        folder = (paths.runs / name).resolve()
+        if folder.parent != paths.runs.resolve() or not folder.is_dir():
+            raise HTTPException(404, f"no run {name} in this lab")
+        return checkpoint_rows(folder)
+
+    return app
+
+
+def _offset(last_event_id: str | None) -> int:
+    try:
+        return max(int(last_event_id or 0), 0)
+    except ValueError:
+        return 0
+
+
+async def _follow(
+    store: Store, job_id: int, path: Path, offset: int, text: bool
+) -> AsyncIterator[ServerSentEvent]:
+    """Complete lines of ``path`` from byte ``offset`` on, each event's id the offset after
+    it (a client that reconnects with Last-Event-ID gets what it missed); an ``end`` event
+    once the job has ended and everything is sent."""
+    import json
+
+    while True:
+        ended = (await run_in_threadpool(store.job, job_id)).state in FINAL
+        chunk = b""
+        if path.exists():
+            with open(path, "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1] if b"\n" in chunk else b""
+        for line in complete.splitlines(keepends=True):
+            offset += len(line)
+            body = line.decode("utf-8", errors="replace").rstrip("\n")
+            if text:
+                yield ServerSentEvent(data=body, event="log", id=str(offset))
+            elif body.strip():
+                yield ServerSentEvent(data=json.loads(body), event="metrics", id=str(offset))
+        if ended and len(complete) == len(chunk):
+            yield ServerSentEvent(data={"state": "ended"}, event="end", id=str(offset))
+            return
+        await asyncio.sleep(POLL)

@@ -1,0 +1,67 @@
+"""``tunelab serve``: the API over a lab, with a worker beside it unless told not to."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+LIGHT = ("serve",)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tunelab.jobs.api import Lab
+    from tunelab.server.app import create_app
+    from tunelab.server.auth import Access, is_loopback
+
+    token = args.token or os.environ.get("TUNELAB_TOKEN") or None
+    if not is_loopback(args.host) and not token:
+        raise TunelabError(
+            f"--host {args.host} lets other machines in, and no token is set",
+            "give --token SECRET (or TUNELAB_TOKEN), or listen on 127.0.0.1",
+        )
+    roots = [Path(r).expanduser().resolve() for r in args.data_root]
+    missing = [str(r) for r in roots if not r.is_dir()]
+    if missing:
+        raise TunelabError(f"--data-root: no such directory: {', '.join(missing)}")
+    lab = Lab(args.lab)
+    worker = None
+    if not args.no_worker:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "tunelab", "worker", "--lab", str(lab.paths.root)]
+        )
+    alone = "" if worker else " (no worker: run tunelab worker elsewhere)"
+    print(f"tunelab serve: lab {lab.paths.root} on http://{args.host}:{args.port}/{alone}",
+          flush=True)  # fmt: skip
+    try:
+        app = create_app(lab.paths, lab.store, Access(token), roots)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        if worker is not None:
+            worker.terminate()  # it stops its jobs (they save a checkpoint) and requeues them
+            worker.wait()
+        lab.close()
+    return 0
+
+
+COMMANDS = {"serve": (cmd_serve, "serve the REST API over a lab (and run a worker beside it)")}
+
+
+def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lab", help="the lab directory (default: $TUNELAB_LAB, else "
+                   "~/.local/share/tunelab/lab)")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (8000)")
+    p.add_argument("--token", help="the token clients must give (default: $TUNELAB_TOKEN); "
+                   "required on any address but loopback")  # fmt: skip
+    p.add_argument("--data-root", action="append", default=[], metavar="DIR",
+                   help="a directory whose files configs sent over HTTP may name, besides the "
+                   "lab; repeatable")  # fmt: skip
+    p.add_argument("--no-worker", action="store_true",
+                   help="run no worker here (workers run elsewhere on the same lab)")  # fmt: skip

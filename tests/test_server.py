@@ -1,0 +1,172 @@
+"""The REST API against a real uvicorn server on 127.0.0.1 (`tunelab serve` in a process of
+its own): templates, jobs with their logs as server-sent events, the rules on tokens,
+origins and paths, and a server process that never imports torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .jobs_helpers import until, write_config
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, lab: Path, *args: str, env: dict | None = None) -> None:
+        self.port = _port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = lab.parent / f"serve-{self.port}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-X", "importtime", "-m", "tunelab", "serve", "--lab", str(lab),
+             "--port", str(self.port), *args],
+            stdout=subprocess.DEVNULL, stderr=open(self.log, "w"),  # noqa: SIM115
+            env={**os.environ, **(env or {})},
+        )  # fmt: skip
+        until(self._up, "the server to answer", timeout=60, proc=self.proc)
+
+    def _up(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/api/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        self.proc.wait(timeout=120)
+        return self.log.read_text()
+
+
+@pytest.fixture
+def data_root(tiny_model_dir, tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def server(tmp_path, data_root, tiny_model_dir):
+    s = Server(tmp_path / "lab", "--data-root", str(data_root), "--data-root",
+               str(tiny_model_dir))  # fmt: skip
+    yield s
+    s.stop()
+
+
+def _config(data_root, model_dir, **more) -> dict:
+    import yaml
+
+    return yaml.safe_load(write_config(data_root, model_dir, **more).read_text())
+
+
+def test_templates_over_http_with_the_cli_s_problems_as_422(server, data_root, tiny_model_dir):
+    config = _config(data_root, tiny_model_dir)
+    made = httpx.post(f"{server.url}/api/templates", json={"name": "t1", "config": config},
+                      timeout=120)  # fmt: skip
+    assert made.status_code == 201, made.text
+    assert made.json()["config"]["datasets"][0]["path"] == str(data_root / "data.json")
+    assert [t["name"] for t in httpx.get(f"{server.url}/api/templates").json()] == ["t1"]
+    bad = httpx.post(f"{server.url}/api/templates", timeout=120, json={
+        "name": "t2", "config": {**config, "learning_rate": "fast", "lora_rr": 8}})  # fmt: skip
+    assert bad.status_code == 422
+    paths = {p["path"] for p in bad.json()["detail"]}
+    assert {"learning_rate", "lora_rr"} <= paths, bad.json()
+    assert httpx.get(f"{server.url}/api/templates/nope").status_code == 404
+    assert httpx.delete(f"{server.url}/api/templates/t1").status_code == 204
+    assert httpx.get(f"{server.url}/api/templates").json() == []
+
+
+def test_paths_outside_the_lab_and_the_data_roots_are_refused(server, tmp_path, data_root,
+                                                              tiny_model_dir):  # fmt: skip
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    outside_file = write_config(elsewhere, tiny_model_dir).parent / "data.json"
+    (data_root / "link.json").symlink_to(outside_file)
+    config = _config(data_root, tiny_model_dir)
+    for path in (str(outside_file), str(data_root / ".." / "elsewhere" / "data.json"),
+                 str(data_root / "link.json")):  # fmt: skip
+        answer = httpx.post(f"{server.url}/api/jobs", timeout=120, json={
+            "config": {**config, "datasets": [{"path": path}]}})  # fmt: skip
+        assert answer.status_code == 422, answer.text
+        detail = answer.json()["detail"]
+        assert detail[0]["path"] == "datasets.0.path" and path in detail[0]["message"]
+    assert httpx.get(f"{server.url}/api/jobs").json() == []
+
+
+def test_state_changes_need_post_and_the_same_origin(server, data_root, tiny_model_dir):
+    assert httpx.get(f"{server.url}/api/jobs/1/cancel").status_code == 405
+    answer = httpx.post(f"{server.url}/api/templates", headers={"Origin": "http://evil.example"},
+                        json={"name": "x", "config": {}})  # fmt: skip
+    assert answer.status_code == 403
+    assert httpx.get(f"{server.url}/openapi.json").json()["info"]["title"] == "tunelab"
+
+
+def test_a_token_is_required_where_one_is_set_and_off_loopback(tmp_path):
+    refused = subprocess.run([sys.executable, "-m", "tunelab", "serve", "--lab",
+                              str(tmp_path / "lab"), "--host", "0.0.0.0"],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert refused.returncode == 1 and "no token is set" in refused.stderr
+    s = Server(tmp_path / "lab", "--no-worker", env={"TUNELAB_TOKEN": "s3cret-token"})
+    try:
+        assert httpx.get(f"{s.url}/api/jobs").status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert httpx.get(f"{s.url}/api/jobs", headers=wrong).status_code == 401
+        right = {"Authorization": "Bearer s3cret-token"}
+        assert httpx.get(f"{s.url}/api/jobs", headers=right).json() == []
+        assert httpx.get(f"{s.url}/api/jobs", cookies={"tunelab_session": "s3cret-token"}
+                         ).status_code == 200  # fmt: skip
+    finally:
+        s.stop()
+
+
+def test_a_job_over_http_runs_and_its_log_streams_and_resumes(server, data_root,
+                                                              tiny_model_dir):  # fmt: skip
+    secrets = {"hf_token": "hf_apisecret_123456", "wandb_api_key": "wandb_apisecret_98765"}
+    request = {"user_id": "u1", "model_id": "m1", "run_id": "api-req-1", "credentials": secrets,
+               "args": {"base_model": str(tiny_model_dir), "adapter": "lora", "lora_r": 4,
+                        "sequence_len": 128, "max_steps": 2, "micro_batch_size": 2,
+                        "datasets": [{"path": str(write_config(data_root, tiny_model_dir)
+                                                  .parent / "data.json"), "type": "alpaca"}]}}  # fmt: skip
+    made = httpx.post(f"{server.url}/api/jobs", json={"input": request}, timeout=120)
+    assert made.status_code == 201, made.text
+    job = made.json()[0]
+    answers = [made.text]
+    events = []
+    with httpx.stream("GET", f"{server.url}/api/jobs/{job['id']}/logs", timeout=300) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        event = {}
+        for line in r.iter_lines():
+            if not line:
+                events.append(event)
+                if event.get("event") == "end":
+                    break
+                event = {}
+                continue
+            key, _, value = line.partition(": ")
+            event[key] = value
+    log_events = [e for e in events if e.get("event") == "log"]
+    logs = [json.loads(e["data"]) for e in log_events]
+    assert any("saved:" in line for line in logs), logs
+    cut = len(log_events) // 2  # a page that reconnects after this event
+    again = httpx.get(f"{server.url}/api/jobs/{job['id']}/logs", timeout=60,
+                      headers={"Last-Event-ID": log_events[cut]["id"]})  # fmt: skip
+    rest = [json.loads(line[6:]) for line in again.text.splitlines() if line.startswith("data: ")]
+    assert rest[:-1] == logs[cut + 1 :] and rest[-1] == {"state": "ended"}
+    final = httpx.get(f"{server.url}/api/jobs/{job['id']}").json()
+    assert final["state"] == "completed" and final["result"]["model_id"] == "m1"
+    answers += [httpx.get(f"{server.url}/api/jobs/{job['id']}").text,
+                httpx.get(f"{server.url}/api/jobs").text]  # fmt: skip
+    for secret in secrets.values():
+        assert not any(secret in a for a in answers)
+    imported = server.stop()
+    assert not [ln for ln in imported.splitlines() if "| torch" in ln or "| transformers" in ln]
