@@ -18,6 +18,7 @@ RANK = {
     "textfile": 0,
     "network": 0,
     "redact": 0,
+    "access": 0,
     "rundir": 0,
     "data": 1,
     "model": 2,

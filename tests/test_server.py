@@ -170,3 +170,54 @@ def test_a_job_over_http_runs_and_its_log_streams_and_resumes(server, data_root,
         assert not any(secret in a for a in answers)
     imported = server.stop()
     assert not [ln for ln in imported.splitlines() if "| torch" in ln or "| transformers" in ln]
+
+
+def test_serve_model_speaks_openai_chat_completions(trained, tmp_path):
+    from tunelab.infer.load import load, resolve_target
+    from tunelab.model.generate import Sampling, complete
+
+    port = _port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunelab", "serve-model", str(trained.run_dir), "--compare",
+         "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+
+        def up():
+            try:
+                return httpx.get(f"{url}/models", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        until(up, "the model server", timeout=120, proc=proc)
+        ids = [m["id"] for m in httpx.get(f"{url}/models").json()["data"]]
+        assert ids == ["base", str(trained.run_dir)]
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        body = {"messages": question, "max_tokens": 12}
+        answer = httpx.post(f"{url}/chat/completions", json=body, timeout=120).json()
+        choice = answer["choices"][0]
+        assert answer["object"] == "chat.completion" and answer["model"] == str(trained.run_dir)
+        assert choice["message"]["role"] == "assistant"
+        assert answer["usage"]["completion_tokens"] <= 12
+        loaded = load([resolve_target(trained.run_dir)], log=lambda _: None)
+        expected = complete(loaded.model, loaded.tokenizer, question, Sampling(12))
+        assert choice["message"]["content"] == expected.text
+        assert choice["finish_reason"] == ("length" if expected.cut_short else "stop")
+        base = httpx.post(f"{url}/chat/completions", json={**body, "model": "base"},
+                          timeout=120).json()  # fmt: skip
+        assert base["model"] == "base"
+        lines = []
+        with httpx.stream("POST", f"{url}/chat/completions", json={**body, "stream": True},
+                          timeout=120) as r:  # fmt: skip
+            lines = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        chunks = [json.loads(ln) for ln in lines[:-1]]
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        assert text.strip() == expected.text
+        assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]
+        missing = httpx.post(f"{url}/chat/completions", json={**body, "model": "nope"})
+        assert missing.status_code == 404
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

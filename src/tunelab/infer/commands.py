@@ -260,6 +260,19 @@ def _push_option(p: argparse.ArgumentParser) -> None:
 
 def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
     """The options of the after-training command ``name``."""
+    if name == "serve-model":
+        p.add_argument("run_dir", nargs="?", help="a trained run directory (default: the latest)")
+        p.add_argument("--checkpoint", help="a checkpoint of the run instead: best, last or N")
+        p.add_argument("--model", help="a base model (default: the run's)")
+        p.add_argument("--adapter", help="an adapter directory to apply to --model")
+        p.add_argument("--compare", action="store_true",
+                       help="serve the base model too, as model 'base'")  # fmt: skip
+        _quant_options(p)
+        p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+        p.add_argument("--port", type=int, default=8001, help="port (8001)")
+        p.add_argument("--token", help="the token clients give as their API key (default: "
+                       "$TUNELAB_TOKEN); required on any address but loopback")  # fmt: skip
+        return
     if name == "chat":
         _model_options(p, run_flag=False)
     elif name == "generate":
@@ -301,6 +314,28 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--json", action="store_true", help="print one JSON list")
 
 
+def cmd_serve_model(args: argparse.Namespace) -> int:
+    import os
+
+    import uvicorn
+
+    from tunelab.access import Access, is_loopback
+    from tunelab.infer.openai_api import create_model_app
+
+    token = args.token or os.environ.get("TUNELAB_TOKEN") or None
+    if not is_loopback(args.host) and not token:
+        raise TunelabError(
+            f"--host {args.host} lets other machines in, and no token is set",
+            "give --token SECRET (or TUNELAB_TOKEN), or listen on 127.0.0.1",
+        )
+    loaded, labels = _session(args, args.run_dir)
+    app = create_model_app(loaded, labels[-1], Access(token))
+    _log(f"OpenAI chat completions on http://{args.host}:{args.port}/v1 "
+         f"(models: {', '.join(loaded.labels)})")  # fmt: skip
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Any, str]] = {
     "chat": (cmd_chat, "chat with a trained run (or a base model) in the terminal"),
     "generate": (cmd_generate, "answer prompts with a trained run or a base model"),
@@ -309,4 +344,5 @@ COMMANDS: dict[str, tuple[Any, str]] = {
     "export": (cmd_export, "export a run as a GGUF file with an Ollama Modelfile"),
     "push": (cmd_push, "upload a run, merged model or export to the Hugging Face Hub"),
     "runs": (cmd_runs, "list trained runs and whether each can be resumed"),
+    "serve-model": (cmd_serve_model, "serve a run over the OpenAI chat-completions protocol"),
 }

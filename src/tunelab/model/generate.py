@@ -46,10 +46,21 @@ def encode(tokenizer: Any, messages: list[dict[str, str]]) -> Any:
     return tokenizer("\n\n".join(m["content"] for m in messages), return_tensors="pt")
 
 
-def reply(
+@dataclass(frozen=True)
+class Completion:
+    """An answer and what it took: prompt and answer lengths in tokens, and whether it
+    stopped at ``max_new_tokens`` rather than at its end."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    cut_short: bool
+
+
+def complete(
     model: Any, tokenizer: Any, messages: list[dict[str, str]], sampling: Sampling = Sampling(),
     streamer: Any = None,
-) -> str:  # fmt: skip
+) -> Completion:  # fmt: skip
     """The model's next assistant turn after ``messages``, rendered with its chat template
     (a model without one continues the messages' text instead).
 
@@ -72,8 +83,20 @@ def reply(
         )
     if was_training:
         model.train()
-    new_tokens = output[0][inputs["input_ids"].shape[1] :]
-    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+    prompt = inputs["input_ids"].shape[1]
+    new_tokens = output[0][prompt:]
+    text = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+    ended = tokenizer.eos_token_id is not None and tokenizer.eos_token_id in new_tokens.tolist()
+    cut = len(new_tokens) >= sampling.max_new_tokens and not ended
+    return Completion(text, prompt, len(new_tokens), cut)
+
+
+def reply(
+    model: Any, tokenizer: Any, messages: list[dict[str, str]], sampling: Sampling = Sampling(),
+    streamer: Any = None,
+) -> str:  # fmt: skip
+    """The text of :func:`complete`'s answer."""
+    return complete(model, tokenizer, messages, sampling, streamer).text
 
 
 def generate(

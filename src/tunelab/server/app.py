@@ -16,6 +16,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, Field
 
 from tunelab import __version__
+from tunelab.access import Access
 from tunelab.config import LoadedConfig
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.jobs.lab import LabPaths
@@ -25,7 +26,6 @@ from tunelab.jobs.submit import Submission, given_config, retry, submit
 from tunelab.jobs.templates import save_template
 from tunelab.jobs.views import checkpoint_rows, job_record, run_rows, template_record
 from tunelab.rundir import RunLayout
-from tunelab.server.auth import Access
 from tunelab.server.checks import validate_in_subprocess
 from tunelab.server.paths import outside
 

@@ -16,9 +16,9 @@ LIGHT = ("serve",)
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from tunelab.access import Access, is_loopback
     from tunelab.jobs.api import Lab
     from tunelab.server.app import create_app
-    from tunelab.server.auth import Access, is_loopback
 
     token = args.token or os.environ.get("TUNELAB_TOKEN") or None
     if not is_loopback(args.host) and not token:
