@@ -123,8 +123,10 @@ def test_a_token_is_required_where_one_is_set_and_off_loopback(tmp_path):
         assert httpx.get(f"{s.url}/api/jobs", headers=wrong).status_code == 401
         right = {"Authorization": "Bearer s3cret-token"}
         assert httpx.get(f"{s.url}/api/jobs", headers=right).json() == []
-        assert httpx.get(f"{s.url}/api/jobs", cookies={"tunelab_session": "s3cret-token"}
-                         ).status_code == 200  # fmt: skip
+        assert (
+            httpx.get(f"{s.url}/api/jobs", cookies={"tunelab_session": "s3cret-token"}).status_code
+            == 401
+        )  # a cookie holds a session, never the token
     finally:
         s.stop()
 
@@ -221,3 +223,51 @@ def test_serve_model_speaks_openai_chat_completions(trained, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_uploads_land_in_the_lab_and_are_previewed_with_trained_tokens(server, tmp_path,
+                                                                      tiny_model_dir):  # fmt: skip
+    rows = [{"question": "What is 2+2?", "answer": "4"}, {"question": "Capital of Peru?",
+                                                         "answer": "Lima"}]  # fmt: skip
+    sent = httpx.post(f"{server.url}/api/datasets", timeout=60,
+                      files={"file": ("../../etc/my data.json", json.dumps(rows))})  # fmt: skip
+    assert sent.status_code == 201, sent.text
+    stored = Path(sent.json()["path"])
+    assert stored.parent == tmp_path / "lab" / "datasets" and stored.name.startswith("my-data-")
+    assert json.loads(stored.read_text()) == rows
+    assert [d["name"] for d in httpx.get(f"{server.url}/api/datasets").json()] == [stored.name]
+    refused = httpx.post(f"{server.url}/api/datasets", files={"file": ("x.exe", b"MZ")})
+    assert refused.status_code == 415
+    preview = httpx.get(f"{server.url}/api/datasets/{stored.name}/preview", timeout=120, params={
+        "base_model": str(tiny_model_dir), "template": "Q: {{question}}\nA: {{answer}}"})  # fmt: skip
+    assert preview.status_code == 200, preview.text
+    assert "Lima" in json.dumps(preview.json())
+    outside = httpx.get(f"{server.url}/api/datasets/{stored.name}/preview",
+                        params={"base_model": str(tmp_path / "elsewhere")})  # fmt: skip
+    assert outside.status_code == 422
+    assert httpx.get(f"{server.url}/api/datasets/..%2Flab.db/preview").status_code == 404
+
+
+def test_the_login_page_sets_a_strict_httponly_cookie(tmp_path):
+    s = Server(tmp_path / "lab", "--no-worker", env={"TUNELAB_TOKEN": "page-token-42"})
+    try:
+        page = httpx.get(f"{s.url}/login")
+        assert page.status_code == 200 and 'type="password"' in page.text
+        wrong = httpx.post(f"{s.url}/login", data={"token": "nope"})
+        assert wrong.status_code == 401 and "tunelab_session" not in wrong.headers.get(
+            "set-cookie", "")  # fmt: skip
+        foreign = httpx.post(f"{s.url}/login", data={"token": "page-token-42"},
+                             headers={"Origin": "http://evil.example"})  # fmt: skip
+        assert foreign.status_code == 403
+        right = httpx.post(f"{s.url}/login", data={"token": "page-token-42"})
+        assert right.status_code == 303
+        cookie = right.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie
+        assert "page-token-42" not in cookie  # a session of its own, not the token
+        session = right.cookies["tunelab_session"]
+        assert httpx.get(f"{s.url}/api/jobs", cookies={"tunelab_session": session}).json() == []
+        assert httpx.post(f"{s.url}/api/templates", cookies={"tunelab_session": session},
+                          headers={"Origin": "http://evil.example"}, json={"name": "x",
+                          "config": {}}).status_code == 403  # fmt: skip
+    finally:
+        s.stop()

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from fastapi import HTTPException, Request
@@ -29,22 +30,38 @@ def is_loopback(host: str) -> bool:
 @dataclass(frozen=True)
 class Access:
     token: str | None
+    sessions: set[str] = field(default_factory=set)  # cookies handed out by /login
 
     def token_matches(self, given: str | None) -> bool:
         if self.token is None or not given:
             return False
         return hmac.compare_digest(given.encode(), self.token.encode())
 
+    def open_session(self, given: str | None) -> str | None:
+        """A new session cookie's value for the right token; None for a wrong one."""
+        if not self.token_matches(given):
+            return None
+        session = secrets.token_urlsafe(32)
+        self.sessions.add(session)
+        return session
+
+    def _session(self, value: str | None) -> bool:
+        return bool(value) and any(hmac.compare_digest(value.encode(), s.encode())
+                                   for s in self.sessions)  # fmt: skip
+
+    def check_origin(self, request: Request) -> None:
+        """403 for a state change sent from a page of another origin."""
+        if request.method not in SAFE_METHODS and not _same_origin(request):
+            raise HTTPException(403, "a request from another site may not change anything here")
+
     def check(self, request: Request) -> None:
         """Raise 401 or 403 unless ``request`` may go on."""
         header = request.headers.get("authorization", "")
         bearer = header[7:].strip() if header.lower().startswith("bearer ") else None
         by_header = self.token_matches(bearer)
-        if request.method not in SAFE_METHODS and not by_header and not _same_origin(request):
-            raise HTTPException(403, "a request from another site may not change anything here")
-        if self.token is None or by_header:
-            return
-        if self.token_matches(request.cookies.get(COOKIE)):
+        if not by_header:
+            self.check_origin(request)
+        if self.token is None or by_header or self._session(request.cookies.get(COOKIE)):
             return
         raise HTTPException(
             401, "this server needs its token: a Bearer header, or log in at /login",

@@ -9,6 +9,7 @@ credentials unreadable in the store.
       runs/NAME/        each job's run directory (the run-directory contract)
       logs/ID.log       each job's console output: what `tunelab train` printed
       jobs/ID/          what a job's process is given: its config.yaml
+      datasets/         files sent to `tunelab serve`, under names it chose
       secret.key        encrypts credentials in the store (mode 600; TUNELAB_SECRET_KEY wins)
 """
 
@@ -51,6 +52,7 @@ class LabPaths:
         self.runs = root / "runs"
         self.logs = root / "logs"
         self.spool = root / "jobs"
+        self.datasets = root / "datasets"
         self.database = root / "lab.db"
         self.key_file = root / "secret.key"
 

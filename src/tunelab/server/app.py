@@ -9,14 +9,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Form, Header, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, Field
 
 from tunelab import __version__
-from tunelab.access import Access
+from tunelab.access import COOKIE, Access
 from tunelab.config import LoadedConfig
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.jobs.lab import LabPaths
@@ -26,6 +26,7 @@ from tunelab.jobs.submit import Submission, given_config, retry, submit
 from tunelab.jobs.templates import save_template
 from tunelab.jobs.views import checkpoint_rows, job_record, run_rows, template_record
 from tunelab.rundir import RunLayout
+from tunelab.server import datasets
 from tunelab.server.checks import validate_in_subprocess
 from tunelab.server.paths import outside
 
@@ -59,7 +60,17 @@ def _problem(text: str) -> dict[str, str]:
     return {"path": path if dotted else "", "message": message if dotted else text}
 
 
-def create_app(paths: LabPaths, store: Store, access: Access, data_roots: list[Path]) -> FastAPI:
+LOGIN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>tunelab: log in</title></head>
+<body><main><h1>tunelab</h1><form method="post" action="/login">
+<label>Token <input type="password" name="token" autocomplete="current-password" autofocus>
+</label> <button type="submit">Log in</button></form>{message}</main></body></html>"""
+
+
+def create_app(
+    paths: LabPaths, store: Store, access: Access, data_roots: list[Path],
+    max_upload: int = 200 << 20,
+) -> FastAPI:  # fmt: skip
     """The application for one lab."""
     app = FastAPI(title="tunelab", version=__version__, docs_url=None, redoc_url=None)
     allowed = [paths.root, *data_roots]
@@ -165,17 +176,75 @@ def create_app(paths: LabPaths, store: Store, access: Access, data_roots: list[P
                                    text=False):  # fmt: skip
             yield event
 
+    # -- logging in (a cookie for pages; programs send the Bearer header) -----------------
+    @app.get("/login", response_class=HTMLResponse)
+    def login_page() -> str:
+        return LOGIN_PAGE.format(message="")
+
+    @app.post("/login")
+    def login(request: Request, token: str = Form("")) -> Any:
+        access.check_origin(request)
+        session = access.open_session(token)
+        if session is None:
+            page = LOGIN_PAGE.format(message="<p role='alert'>That is not the token.</p>")
+            return HTMLResponse(page, status_code=401)
+        answer = RedirectResponse("/", status_code=303)
+        answer.set_cookie(COOKIE, session, httponly=True, samesite="strict",
+                          secure=request.url.scheme == "https")  # fmt: skip
+        return answer
+
+    @app.post("/logout")
+    def logout(request: Request) -> Any:
+        access.check_origin(request)
+        access.sessions.discard(request.cookies.get(COOKIE, ""))
+        answer = RedirectResponse("/login", status_code=303)
+        answer.delete_cookie(COOKIE)
+        return answer
+
+    # -- datasets ------------------------------------------------------------------------
+    @app.post("/api/datasets", dependencies=api, status_code=201)
+    async def upload(file: UploadFile) -> dict[str, Any]:
+        saved = await datasets.save_upload(paths.datasets, file, max_upload)
+        return {"name": saved.name, "path": str(saved), "bytes": saved.stat().st_size}
+
+    @app.get("/api/datasets", dependencies=api)
+    def dataset_list() -> list[dict[str, Any]]:
+        return datasets.listing(paths.datasets)
+
+    @app.get("/api/datasets/{name}/preview", dependencies=api)
+    def dataset_preview(
+        name: str, base_model: str | None = None, format: str | None = None,
+        template: str | None = None, n: int = 3,
+    ) -> dict[str, Any]:  # fmt: skip
+        path = datasets.find(paths.datasets, name)
+        if base_model and outside({"base_model": base_model}, allowed):
+            raise ConfigError(outside({"base_model": base_model}, allowed))
+        return datasets.preview(path, base_model, format, template, min(max(n, 1), 20))
+
     # -- runs ----------------------------------------------------------------------------
     @app.get("/api/runs", dependencies=api)
     def runs() -> list[dict[str, Any]]:
         return run_rows(paths.runs)
 
-    @app.get("/api/runs/{name}/checkpoints", dependencies=api)
-    def checkpoints(name: str) -> list[dict[str, Any]]:
+    def run_folder(name: str) -> Path:
         folder = (paths.runs / name).resolve()
         if folder.parent != paths.runs.resolve() or not folder.is_dir():
             raise HTTPException(404, f"no run {name} in this lab")
-        return checkpoint_rows(folder)
+        return folder
+
+    @app.get("/api/runs/{name}/checkpoints", dependencies=api)
+    def checkpoints(name: str) -> list[dict[str, Any]]:
+        return checkpoint_rows(run_folder(name))
+
+    @app.get("/api/runs/{name}/evaluations", dependencies=api)
+    def evaluations(name: str) -> list[dict[str, str]]:
+        import csv
+
+        table = RunLayout(run_folder(name)).evaluations
+        if not table.is_file():
+            return []
+        with open(table, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
 
     return app
 

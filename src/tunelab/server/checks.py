@@ -1,5 +1,6 @@
-"""Checking a config without importing torch here: ``tunelab validate`` in a process of its
-own, its problems read back as data (``TUNELAB_RESULT_FILE``), the same list the CLI prints."""
+"""What needs torch, done without importing it here: a ``tunelab`` command in a process of
+its own, its error read back as data (``TUNELAB_RESULT_FILE``): the same problems, message
+and hint the CLI prints."""
 
 from __future__ import annotations
 
@@ -19,26 +20,30 @@ from tunelab.jobs.submit import given_config
 TIMEOUT = 600
 
 
-def validate_in_subprocess(loaded: LoadedConfig) -> None:
-    """Raise what ``tunelab validate`` would raise on this config (a ConfigError keeps its
-    list of problems); return when it is valid."""
-    with tempfile.TemporaryDirectory(prefix="tunelab-check-") as tmp:
-        config = Path(tmp) / "config.yaml"
-        config.write_text(yaml.safe_dump(given_config(loaded), sort_keys=False), encoding="utf-8")
+def run_tunelab(args: list[str], timeout: float = TIMEOUT) -> str:
+    """``tunelab ARGS``'s standard output; its error raised as the command reported it."""
+    with tempfile.TemporaryDirectory(prefix="tunelab-call-") as tmp:
         result = Path(tmp) / "result.json"
         env = {**os.environ, "TUNELAB_RESULT_FILE": str(result)}
         done = subprocess.run(
-            [sys.executable, "-m", "tunelab", "validate", str(config)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-            timeout=TIMEOUT, check=False,
+            [sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, env=env,
+            timeout=timeout, check=False,
         )  # fmt: skip
         if done.returncode == 0:
-            return
+            return done.stdout
         try:
             record = json.loads(result.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
-            raise TunelabError(f"the config could not be checked: {tail[0]}") from None
+            raise TunelabError(f"tunelab {args[0]} failed: {tail[0]}") from None
     if record.get("problems"):
         raise ConfigError(record["problems"])
-    raise TunelabError(record.get("error") or "the config is not valid", record.get("hint"))
+    raise TunelabError(record.get("error") or f"tunelab {args[0]} failed", record.get("hint"))
+
+
+def validate_in_subprocess(loaded: LoadedConfig) -> None:
+    """Raise what ``tunelab validate`` would raise on this config; return if it is valid."""
+    with tempfile.TemporaryDirectory(prefix="tunelab-check-") as tmp:
+        config = Path(tmp) / "config.yaml"
+        config.write_text(yaml.safe_dump(given_config(loaded), sort_keys=False), encoding="utf-8")
+        run_tunelab(["validate", str(config)])
