@@ -271,3 +271,54 @@ def test_the_login_page_sets_a_strict_httponly_cookie(tmp_path):
                           "config": {}}).status_code == 403  # fmt: skip
     finally:
         s.stop()
+
+
+def test_chat_starts_a_model_process_answers_side_by_side_and_stops_it_when_idle(trained, tmp_path):
+    import shutil
+
+    from tunelab.infer.load import load, resolve_target
+    from tunelab.model.generate import Sampling, complete
+
+    lab = tmp_path / "lab"
+    shutil.copytree(trained.run_dir, lab / "runs" / "memorise")
+    s = Server(lab, "--no-worker", "--model-idle", "4")
+    try:
+        question = [{"role": "user", "content": "Name a colour."}]
+        body = {"run": "memorise", "messages": question, "max_tokens": 10, "compare": True}
+        answer = httpx.post(f"{s.url}/api/chat", json=body, timeout=300)
+        assert answer.status_code == 200, answer.text
+        answers = answer.json()["answers"]
+        loaded = load([resolve_target(lab / "runs" / "memorise")], with_base=True,
+                      log=lambda _: None)  # fmt: skip
+        for name, label in (("tuned", loaded.labels[-1]), ("base", "base")):
+            with loaded.use(label) as model:
+                assert answers[name]["content"] == complete(
+                    model, loaded.tokenizer, question, Sampling(10)).text  # fmt: skip
+        with httpx.stream("POST", f"{s.url}/api/chat", timeout=300,
+                          json={**body, "stream": True}) as r:  # fmt: skip
+            data = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+        text = "".join(json.loads(d)["choices"][0]["delta"].get("content", "")
+                       for d in data[:-1])  # fmt: skip
+        assert data[-1] == "[DONE]" and text.strip() == answers["tuned"]["content"]
+        outside = httpx.post(f"{s.url}/api/chat", json={**body, "run": "../.."}, timeout=60)
+        assert outside.status_code == 404
+        logs = lab / "logs" / "models"
+        until(lambda: not any("serve-model" in _cmdline(p) for p in _children(s.proc.pid)),
+              "the idle model process to stop", timeout=60)  # fmt: skip
+        assert list(logs.glob("model-*.log"))
+    finally:
+        s.stop()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""

@@ -5,13 +5,15 @@ the CLI prints: 422 with each problem's dotted path."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import httpx
 from fastapi import Depends, FastAPI, Form, Header, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, Field
 
@@ -28,6 +30,7 @@ from tunelab.jobs.views import checkpoint_rows, job_record, run_rows, template_r
 from tunelab.rundir import RunLayout
 from tunelab.server import datasets
 from tunelab.server.checks import validate_in_subprocess
+from tunelab.server.models import ModelProcess, ModelProcesses
 from tunelab.server.paths import outside
 
 POLL = 0.5  # seconds between looks at a log or metrics file that is still growing
@@ -38,6 +41,22 @@ class TemplateIn(BaseModel):
     config: dict[str, Any] = Field(description="the config, as a mapping of its keys")
     description: str | None = Field(None, description="a line saying what it is for")
     replace: bool = Field(False, description="overwrite a template of that name")
+
+
+class ChatIn(BaseModel):
+    """A conversation to answer with a run (or one of its checkpoints), and with its base
+    model too when ``compare`` is set."""
+
+    run: str = Field(description="a run of the lab (its name) or a job (id or name)")
+    checkpoint: str | None = Field(None, description="best, last or a step")
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    compare: bool = False
+    stream: bool = False
+    which: Literal["tuned", "base"] = Field("tuned", description="the model a stream is from")
+    max_tokens: int = Field(256, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
 
 
 class JobIn(BaseModel):
@@ -69,10 +88,27 @@ LOGIN_PAGE = """<!doctype html>
 
 def create_app(
     paths: LabPaths, store: Store, access: Access, data_roots: list[Path],
-    max_upload: int = 200 << 20,
+    max_upload: int = 200 << 20, model_idle: float = 600.0,
 ) -> FastAPI:  # fmt: skip
     """The application for one lab."""
-    app = FastAPI(title="tunelab", version=__version__, docs_url=None, redoc_url=None)
+    models = ModelProcesses(paths.logs / "models", model_idle)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async def reap() -> None:
+            while True:
+                await asyncio.sleep(min(5.0, model_idle / 2))
+                await models.stop_idle()
+
+        task = asyncio.create_task(reap())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.to_thread(models.stop_all)
+
+    app = FastAPI(title="tunelab", version=__version__, docs_url=None, redoc_url=None,
+                  lifespan=lifespan)  # fmt: skip
     allowed = [paths.root, *data_roots]
 
     def guard(request: Request) -> None:
@@ -221,6 +257,40 @@ def create_app(
             raise ConfigError(outside({"base_model": base_model}, allowed))
         return datasets.preview(path, base_model, format, template, min(max(n, 1), 20))
 
+    # -- chat and generation -------------------------------------------------------------
+    def run_of(ref: str) -> Path:
+        folder = (paths.runs / ref).resolve()
+        if folder.parent == paths.runs.resolve() and folder.is_dir():
+            return folder
+        return Path(store.job(ref).run_dir)
+
+    @app.post("/api/chat", dependencies=api)
+    async def chat(body: ChatIn) -> Any:
+        run = await run_in_threadpool(run_of, body.run)
+        model = await models.get(run, body.checkpoint)
+        async with httpx.AsyncClient(timeout=600, headers=model.headers) as client:
+            ids = [m["id"] for m in (await client.get(f"{model.url}/models")).json()["data"]]
+        tuned = next(i for i in ids if i != "base")
+        request = {"messages": body.messages, "max_tokens": body.max_tokens, "seed": body.seed,
+                   "temperature": body.temperature, "top_p": body.top_p}  # fmt: skip
+        if body.stream:
+            label = tuned if body.which == "tuned" else "base"  # a stream is one answer
+
+            async def relay() -> AsyncIterator[bytes]:
+                with model.in_use():
+                    async with httpx.AsyncClient(timeout=600, headers=model.headers) as client:
+                        async with client.stream("POST", f"{model.url}/chat/completions",
+                                                 json={**request, "model": label,
+                                                       "stream": True}) as answer:  # fmt: skip
+                            async for chunk in answer.aiter_bytes():
+                                yield chunk
+
+            return StreamingResponse(relay(), media_type="text/event-stream")
+        with model.in_use():
+            answers = await _answers(model, request, tuned, body.compare)
+        return {"run": str(run), "checkpoint": body.checkpoint, "model": tuned,
+                "answers": answers}  # fmt: skip
+
     # -- runs ----------------------------------------------------------------------------
     @app.get("/api/runs", dependencies=api)
     def runs() -> list[dict[str, Any]]:
@@ -247,6 +317,23 @@ def create_app(
             return list(csv.DictReader(f))
 
     return app
+
+
+async def _answers(
+    model: ModelProcess, request: dict[str, Any], tuned: str, compare: bool
+) -> dict[str, Any]:
+    """The tuned model's answer, and the base model's beside it with ``compare``."""
+    answers: dict[str, Any] = {}
+    async with httpx.AsyncClient(timeout=600, headers=model.headers) as client:
+        for name, label in [("tuned", tuned)] + ([("base", "base")] if compare else []):
+            reply = await client.post(f"{model.url}/chat/completions",
+                                      json={**request, "model": label})  # fmt: skip
+            if reply.status_code != 200:
+                raise HTTPException(502, f"the model process answered {reply.status_code}")
+            choice = reply.json()["choices"][0]
+            answers[name] = {"content": choice["message"]["content"],
+                             "finish_reason": choice["finish_reason"]}  # fmt: skip
+    return answers
 
 
 def _offset(last_event_id: str | None) -> int:

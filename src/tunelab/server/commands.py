@@ -40,7 +40,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"tunelab serve: lab {lab.paths.root} on http://{args.host}:{args.port}/{alone}",
           flush=True)  # fmt: skip
     try:
-        app = create_app(lab.paths, lab.store, Access(token), roots)
+        app = create_app(
+            lab.paths,
+            lab.store,
+            Access(token),
+            roots,
+            max_upload=args.max_upload_mb << 20,
+            model_idle=args.model_idle,
+        )
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         if worker is not None:
@@ -63,5 +70,12 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", action="append", default=[], metavar="DIR",
                    help="a directory whose files configs sent over HTTP may name, besides the "
                    "lab; repeatable")  # fmt: skip
+    p.add_argument("--max-upload-mb", type=int, default=200, help="largest upload (200 MB)")
+    p.add_argument(
+        "--model-idle",
+        type=float,
+        default=600.0,
+        help="seconds before an unused chat model process is stopped (600)",
+    )
     p.add_argument("--no-worker", action="store_true",
                    help="run no worker here (workers run elsewhere on the same lab)")  # fmt: skip
