@@ -322,3 +322,40 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_evaluation_and_merge_run_as_jobs_with_a_download(trained, tmp_path, data_root):
+    import shutil
+    import zipfile
+
+    from .conftest import MEMORISE
+
+    lab = tmp_path / "lab"
+    shutil.copytree(trained.run_dir, lab / "runs" / "memorise")
+    (data_root / "eval.json").write_text(json.dumps(MEMORISE))
+    s = Server(lab, "--data-root", str(data_root))
+    try:
+        url = f"{s.url}/api/runs/memorise"
+        refused = httpx.post(f"{url}/evaluate", json={"data": str(tmp_path / "x.json")})
+        assert refused.status_code == 422
+        ev = httpx.post(f"{url}/evaluate", json={"data": str(data_root / "eval.json"),
+                                                 "comment": "held-in", "base": True})  # fmt: skip
+        merge = httpx.post(f"{url}/merge", json={"checkpoint": "best"})
+        assert ev.status_code == merge.status_code == 201, (ev.text, merge.text)
+        early = httpx.get(f"{s.url}/api/jobs/{merge.json()['id']}/download")
+        assert early.status_code == 409
+        for job in (ev.json(), merge.json()):
+            until(lambda j=job: httpx.get(f"{s.url}/api/jobs/{j['id']}").json()["state"]
+                  in ("completed", "failed", "stopped"), f"the {job['kind']} job", timeout=300)  # fmt: skip
+            done = httpx.get(f"{s.url}/api/jobs/{job['id']}").json()
+            assert done["state"] == "completed", done
+        rows = httpx.get(f"{url}/evaluations").json()
+        assert {r["comment"] for r in rows} == {"held-in"} and len(rows) == 2  # tuned and base
+        got = httpx.get(f"{s.url}/api/jobs/{merge.json()['id']}/download", timeout=120)
+        assert got.status_code == 200
+        archive = tmp_path / "merged.zip"
+        archive.write_bytes(got.content)
+        names = zipfile.ZipFile(archive).namelist()
+        assert "config.json" in names and "model.safetensors" in names
+    finally:
+        s.stop()

@@ -17,6 +17,12 @@ def job_result(
     error: str | None = None,
     hint: str | None = None,
 ) -> dict[str, Any]:
+    if job.kind != "train":  # the result of an evaluation, merge or export: where it is
+        record: dict[str, Any] = {"status": status, "exit_code": exit_code, "job": job.id,
+                                  "kind": job.kind, "output": job.run_dir}  # fmt: skip
+        if error:
+            record.update(error=error, hint=hint)
+        return record
     layout = RunLayout(Path(job.run_dir))
     info = read_json(layout.info)
     weights = layout.adapter_weights if layout.adapter_weights.exists() else layout.full_weights

@@ -67,7 +67,8 @@ def job_record(
         "created": _time(job.created),
         "started": _time(job.started),
         "finished": _time(job.finished),
-        "progress": progress(Path(job.run_dir)),
+        "kind": job.kind,
+        "progress": progress(Path(job.run_dir)) if job.kind == "train" else {},
         "result": job.result,
     }
     if events:

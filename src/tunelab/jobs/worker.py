@@ -23,6 +23,7 @@ from tunelab.jobs.db import JobRow
 from tunelab.jobs.lab import LabPaths, unseal, write_job_config
 from tunelab.jobs.results import job_result
 from tunelab.jobs.store import Store
+from tunelab.jobs.tasks import task_command
 from tunelab.rundir import RunLayout, complete_checkpoints, read_status
 
 # RunPod's credential names -> the environment variables the libraries read
@@ -155,8 +156,11 @@ class Worker:
         log = self.paths.log(job.id)
         try:
             secrets = unseal(self.paths, job.secrets)
-            config = write_job_config(self.paths, job.id, job.config)
-            args = train_command(job, config)
+            if job.kind == "train":
+                args = train_command(job, write_job_config(self.paths, job.id, job.config))
+            else:
+                args = [sys.executable, "-m", "tunelab", *task_command(job)]
+                self.paths.job_dir(job.id).mkdir(parents=True, exist_ok=True)
         except (TunelabError, OSError) as exc:
             self.end(job, "failed", f"could not start: {exc}", error=str(exc))
             return
@@ -196,7 +200,7 @@ class Worker:
     def finished(self, r: Running, code: int) -> None:
         job = r.job
         reported = self._read_result(job)
-        run_state = _run_state(Path(job.run_dir))
+        run_state = _run_state(Path(job.run_dir)) if job.kind == "train" else {}
         step = run_state.get("step")
         at = f" at step {step}" if step is not None else ""
         if r.shutdown and code != 0:

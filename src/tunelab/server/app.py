@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
@@ -13,7 +15,13 @@ from typing import Any, Literal
 import httpx
 from fastapi import Depends, FastAPI, Form, Header, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    StreamingResponse,
+)
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, Field
 
@@ -21,10 +29,12 @@ from tunelab import __version__
 from tunelab.access import COOKIE, Access
 from tunelab.config import LoadedConfig
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.files import TEMP_PREFIX
 from tunelab.jobs.lab import LabPaths
 from tunelab.jobs.states import FINAL
 from tunelab.jobs.store import NotFound, Store
 from tunelab.jobs.submit import Submission, given_config, retry, submit
+from tunelab.jobs.tasks import add_task
 from tunelab.jobs.templates import save_template
 from tunelab.jobs.views import checkpoint_rows, job_record, run_rows, template_record
 from tunelab.rundir import RunLayout
@@ -57,6 +67,16 @@ class ChatIn(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
+
+
+class TaskIn(BaseModel):
+    """An evaluation, merge or export of a run, queued as a job."""
+
+    checkpoint: str | None = Field(None, description="best, last or a step")
+    data: str | None = Field(None, description="eval: the file to score")
+    comment: str | None = Field(None, description="eval: a note kept with the results")
+    base: bool = Field(False, description="eval: score the base model too")
+    quant: str = Field("q8_0", description="export: f16, bf16, f32 or q8_0")
 
 
 class JobIn(BaseModel):
@@ -305,6 +325,36 @@ def create_app(
     @app.get("/api/runs/{name}/checkpoints", dependencies=api)
     def checkpoints(name: str) -> list[dict[str, Any]]:
         return checkpoint_rows(run_folder(name))
+
+    @app.post("/api/runs/{name}/{kind}", dependencies=api, status_code=201)
+    def run_task(name: str, kind: Literal["evaluate", "merge", "export"], body: TaskIn) -> Any:
+        run = run_folder(name)
+        task = "eval" if kind == "evaluate" else kind
+        options: dict[str, Any] = {"checkpoint": body.checkpoint}
+        if task == "eval":
+            if body.data and outside({"datasets": [{"path": body.data}]}, allowed):
+                raise ConfigError(outside({"datasets": [{"path": body.data}]}, allowed))
+            options.update(data=body.data, comment=body.comment, base=body.base)
+        if task == "export":
+            options["quant"] = body.quant
+        return job_record(store, add_task(paths, store, task, run, options))
+
+    @app.get("/api/jobs/{ref}/download", dependencies=api)
+    def download(ref: str) -> Any:
+        row = store.job(ref)
+        if row.kind not in ("merge", "export") or row.state != "completed":
+            raise HTTPException(409, f"job {row.id} has nothing to download: only a completed "
+                                     "merge or export has")  # fmt: skip
+        folder = Path(row.run_dir)
+        ggufs = sorted(folder.glob("*.gguf"))
+        if row.kind == "export" and ggufs:
+            return FileResponse(ggufs[0], filename=ggufs[0].name)
+        archive = folder.parent / f"{folder.name}.zip"
+        if not archive.exists():
+            made = shutil.make_archive(str(folder.parent / f"{TEMP_PREFIX}{folder.name}"), "zip",
+                                       folder)  # fmt: skip
+            os.replace(made, archive)
+        return FileResponse(archive, filename=archive.name)
 
     @app.get("/api/runs/{name}/evaluations", dependencies=api)
     def evaluations(name: str) -> list[dict[str, str]]:
