@@ -295,3 +295,29 @@ def test_submit_wait_follows_the_job_to_its_end(tiny_model_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == f"job 1 completed: {lab_dir / 'runs' / 'cfg-1'}"
     assert "job 1: step 2/2, loss " in done.stderr
+
+
+def test_a_job_cancelled_while_its_worker_died_ends_stopped(tiny_model_dir, tmp_path):
+    lab = Lab(tmp_path / "lab")
+    job = lab.apply(write_config(tmp_path, tiny_model_dir))
+    lab.store.claim("ghost", "elsewhere", "cpu", lease=30)
+    assert job.cancel() == "running"  # asked; but its worker is gone
+    lab.store.renew(job.id, "ghost", lease=-1)
+    worker = start_worker(lab.paths.root, "--drain")
+    assert worker.wait(timeout=120) == 0
+    assert job.status == "stopped" and job.row.attempts == 1  # never run again
+    lab.close()
+
+
+def test_retry_refuses_while_another_job_continues_the_run(tiny_model_dir, tmp_path):
+    from tunelab.errors import TunelabError
+    from tunelab.jobs.submit import retry
+
+    lab = Lab(tmp_path / "lab")
+    job = lab.apply(write_config(tmp_path, tiny_model_dir))
+    assert job.cancel() == "stopped"
+    first = retry(lab.store, job.row)
+    assert first.run_dir == str(job.run_dir) and first.retry_of == job.id
+    with pytest.raises(TunelabError, match="already continues"):
+        retry(lab.store, job.row)
+    lab.close()

@@ -359,3 +359,40 @@ def test_evaluation_and_merge_run_as_jobs_with_a_download(trained, tmp_path, dat
         assert "config.json" in names and "model.safetensors" in names
     finally:
         s.stop()
+
+
+def test_another_sites_name_for_127_0_0_1_is_refused(server):
+    """DNS rebinding: a page on evil.example whose name now points at 127.0.0.1 sends its own
+    name as Host (and as Origin); without a token only loopback names are answered."""
+    rebound = {
+        "Host": f"evil.example:{server.port}",
+        "Origin": f"http://evil.example:{server.port}",
+    }
+    assert httpx.get(f"{server.url}/api/jobs", headers=rebound).status_code == 403
+    assert httpx.post(f"{server.url}/api/jobs/1/cancel", headers=rebound).status_code == 403
+    assert httpx.get(f"{server.url}/api/jobs", headers={"Host": f"localhost:{server.port}"}
+                     ).status_code == 200  # fmt: skip
+
+
+def test_every_key_that_names_a_file_is_confined(server, tmp_path, data_root, tiny_model_dir):
+    config = _config(data_root, tiny_model_dir)
+    secret = tmp_path / "elsewhere.db"
+    secret.write_bytes(b"")
+    cases = {
+        "datasets.0.path": {"datasets": [{"path": f"sqlite:///{secret}", "query": "SELECT 1"}]},
+        "chat_template_jinja": {"chat_template_jinja": str(tmp_path / "t.jinja")},
+        "datasets.0.format_file": {"datasets": [{"path": config["datasets"][0]["path"],
+                                                 "format_file": str(tmp_path / "f.json")}]},
+        "lab.db": {"datasets": [{"path": f"sqlite:///{tmp_path / 'lab' / 'lab.db'}",
+                                 "query": "SELECT * FROM jobs"}]},  # the store itself
+    }  # fmt: skip
+    (tmp_path / "t.jinja").write_text("{{ messages }}")
+    (tmp_path / "f.json").write_text("{}")
+    for what, change in cases.items():
+        answer = httpx.post(f"{server.url}/api/jobs", json={"config": {**config, **change}},
+                            timeout=120)  # fmt: skip
+        assert answer.status_code == 422, (what, answer.text)
+        assert "outside" in answer.text, (what, answer.text)
+    pg = {"datasets": [{"path": "postgresql://u:pw@10.0.0.1/db", "query": "SELECT 1"}]}
+    answer = httpx.post(f"{server.url}/api/jobs", json={"config": {**config, **pg}}, timeout=60)
+    assert answer.status_code == 422 and "no database" in answer.text and "pw" not in answer.text

@@ -51,11 +51,23 @@ class Access:
 
     def check_origin(self, request: Request) -> None:
         """403 for a state change sent from a page of another origin."""
+        self.check_host(request)
         if request.method not in SAFE_METHODS and not _same_origin(request):
             raise HTTPException(403, "a request from another site may not change anything here")
 
+    def check_host(self, request: Request) -> None:
+        """Without a token, only requests addressed to a loopback name: a page whose own
+        name was made to point at 127.0.0.1 (DNS rebinding) sends its own name as Host."""
+        if self.token is not None:
+            return
+        host = urlsplit(f"//{request.headers.get('host', '')}").hostname or ""
+        if not is_loopback(host):
+            raise HTTPException(403, f"this server answers requests for 127.0.0.1 or "
+                                     f"localhost only, not for {host or 'no host'}")  # fmt: skip
+
     def check(self, request: Request) -> None:
         """Raise 401 or 403 unless ``request`` may go on."""
+        self.check_host(request)
         header = request.headers.get("authorization", "")
         bearer = header[7:].strip() if header.lower().startswith("bearer ") else None
         by_header = self.token_matches(bearer)

@@ -103,26 +103,31 @@ def _stream(
 
     streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
     result: dict[str, Any] = {}
+    stop = threading.Event()
 
     def run() -> None:
         try:
             with loaded.use(label) as model:
-                result["done"] = complete(model, loaded.tokenizer, messages, sampling, streamer)
+                result["done"] = complete(model, loaded.tokenizer, messages, sampling, streamer,
+                                          stop)  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - reported in the stream, then it ends
             result["error"] = exc
             streamer.end()
 
-    with lock:
+    with lock:  # held until the generation has ended, even when the reader leaves early
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        yield _chunk(ident, label, {"role": "assistant", "content": ""})
-        first = True
-        for text in streamer:
-            if first:
-                text, first = text.lstrip(), False  # as the whole answer is stripped
-            if text:
-                yield _chunk(ident, label, {"content": text})
-        worker.join()
+        try:
+            yield _chunk(ident, label, {"role": "assistant", "content": ""})
+            first = True
+            for text in streamer:
+                if first:
+                    text, first = text.lstrip(), False  # as the whole answer is stripped
+                if text:
+                    yield _chunk(ident, label, {"content": text})
+        finally:
+            stop.set()  # a reader that went away: the answer ends at its next token
+            worker.join()
     if "error" in result:
         yield f"data: {json.dumps({'error': {'message': str(result['error'])}})}\n\n"
     else:

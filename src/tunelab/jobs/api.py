@@ -151,18 +151,11 @@ class Lab:
                 job.wait()
         return jobs if sub.sweeps else jobs[0]
 
-    def run_worker(self, job: int | None = None, devices: str = "cpu") -> int:
-        """Run a worker in a child process until the queue is empty (or ``job`` ended)."""
-        args = [
-            sys.executable,
-            "-m",
-            "tunelab",
-            "worker",
-            "--lab",
-            str(self.paths.root),
-            "--devices",
-            devices,
-        ]
+    def run_worker(self, job: int | None = None, devices: str | None = None) -> int:
+        """Run a worker in a child process until the queue is empty (or ``job`` ended);
+        ``devices`` as ``tunelab worker --devices`` (default: every GPU, else the CPU)."""
+        args = [sys.executable, "-m", "tunelab", "worker", "--lab", str(self.paths.root)]
+        args += ["--devices", devices] if devices else []
         args += ["--job", str(job)] if job is not None else ["--drain"]
         return subprocess.run(args, stdout=subprocess.DEVNULL, check=False).returncode
 

@@ -44,9 +44,9 @@ def _say(line: str) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from tunelab.jobs.worker import Settings, Worker
+    from tunelab.jobs.worker import Settings, Worker, default_devices
 
-    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    devices = [d.strip() for d in (args.devices or default_devices()).split(",") if d.strip()]
     if not devices or ("cpu" in devices and len(devices) > 1):
         raise TunelabError(f"--devices {args.devices}: give cpu, or GPU numbers like 0,1")
     settings = Settings(
@@ -422,7 +422,9 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--json", action="store_true", help="print JSON")
     if name == "worker":
         p.add_argument(
-            "--devices", default="cpu", help="cpu (default), or the GPUs to use, one job each: 0,1"
+            "--devices",
+            help="cpu, or the GPUs to use, one job each: 0,1 (default: every GPU nvidia-smi "
+            "lists, else cpu)",
         )
         p.add_argument("--once", action="store_true", help="run one job, then exit")
         p.add_argument(

@@ -276,6 +276,12 @@ def retry(store: Store, old: JobRow) -> JobRow:
     same run from its last complete checkpoint (a finished job itself never changes)."""
     if old.state not in ("failed", "stopped"):
         raise TunelabError(f"job {old.id} is {old.state}; only a failed or stopped job is retried")
+    busy = [j for j in store.jobs(["queued", "running"]) if j.run_dir == old.run_dir]
+    if busy:
+        raise TunelabError(
+            f"job {busy[0].id} ({busy[0].state}) already continues {old.run_dir}",
+            "wait for it to end; two jobs never train into one run directory",
+        )
     n = next(n for n in itertools.count(1) if not store.name_taken(f"{old.name}.retry{n}"))
     return store.add_job(
         reason=f"retry of job {old.id}",

@@ -11,6 +11,7 @@ from typing import Any
 from tunelab.errors import RunDirError
 from tunelab.jobs.db import JobRow, TemplateRow
 from tunelab.jobs.store import Store
+from tunelab.redact import redact_data
 from tunelab.rundir import RunLayout, checkpoint_index, checkpoint_step, list_runs, read_status
 
 
@@ -72,7 +73,7 @@ def job_record(
         "result": job.result,
     }
     if events:
-        record["config"] = job.config
+        record["config"] = redact_data(job.config)  # a database URL's password, masked
         record["events"] = [
             {
                 "at": _time(e.at),

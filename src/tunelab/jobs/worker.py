@@ -24,6 +24,7 @@ from tunelab.jobs.lab import LabPaths, unseal, write_job_config
 from tunelab.jobs.results import job_result
 from tunelab.jobs.store import Store
 from tunelab.jobs.tasks import task_command
+from tunelab.redact import redact
 from tunelab.rundir import RunLayout, complete_checkpoints, read_status
 
 # RunPod's credential names -> the environment variables the libraries read
@@ -48,8 +49,25 @@ class Running:
     device: str
     popen: subprocess.Popen
     started: str | None
-    cancel_sent: float | None = None
+    cancel_sent: float | None = None  # when SIGTERM was sent (SIGKILL follows after grace)
+    cancelled: bool = False  # the user asked: the job ends stopped
     shutdown: bool = False  # stopped because the worker stops: requeue, do not end it
+    lost: bool = False  # another worker holds the job now: the store is not ours to change
+
+
+def default_devices() -> str:
+    """The GPUs ``nvidia-smi -L`` lists (one job each), else ``cpu``; found without torch."""
+    import shutil
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "cpu"
+    try:
+        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return "cpu"
+    gpus = [line for line in listed.stdout.splitlines() if line.startswith("GPU ")]
+    return ",".join(str(i) for i in range(len(gpus))) if gpus else "cpu"
 
 
 def train_command(job: JobRow, config: Path) -> list[str]:
@@ -85,6 +103,7 @@ class Worker:
         self.host = socket.gethostname()
         self.name = f"{self.host}:{os.getpid()}"
         self.running: dict[int, Running] = {}
+        self.orphans: dict[int, float] = {}  # job id -> when its orphaned process gets SIGKILL
         self.taken = 0
         self.stopping = False
         self._say = say
@@ -105,19 +124,24 @@ class Worker:
         last_beat = 0.0
         try:
             while True:
-                self.reap()
-                if time.monotonic() - last_beat >= self.settings.heartbeat:
-                    self.beat()
-                    self.requeue_expired()
-                    last_beat = time.monotonic()
-                if self.stopping:
-                    self.stop_all()
-                    if not self.running:
-                        return 0
-                else:
-                    took = self.fill()
-                    if not self.running and not took and self.done():
-                        return 0
+                try:
+                    self.reap()
+                    if time.monotonic() - last_beat >= self.settings.heartbeat:
+                        self.beat()
+                        self.requeue_expired()
+                        last_beat = time.monotonic()
+                    if self.stopping:
+                        self.stop_all()
+                        if not self.running:
+                            return 0
+                    else:
+                        took = self.fill()
+                        if not self.running and not took and self.done():
+                            return 0
+                except Exception as exc:  # noqa: BLE001 - the store away, a full disk: go on
+                    self.say(f"warning: {type(exc).__name__}: {redact(str(exc)).strip()[:300]}"
+                             "; trying again")  # fmt: skip
+                    time.sleep(min(5.0, self.settings.heartbeat))
                 time.sleep(self.settings.poll)
         finally:
             for s, handler in previous.items():
@@ -194,8 +218,9 @@ class Worker:
                 if r.cancel_sent and time.monotonic() - r.cancel_sent > self.settings.grace:
                     process.signal_group(r.popen.pid, signal.SIGKILL)
                 continue
+            if not r.lost:
+                self.finished(r, code)  # if the store fails, the job stays tracked: next time
             del self.running[job_id]
-            self.finished(r, code)
 
     def finished(self, r: Running, code: int) -> None:
         job = r.job
@@ -203,6 +228,9 @@ class Worker:
         run_state = _run_state(Path(job.run_dir)) if job.kind == "train" else {}
         step = run_state.get("step")
         at = f" at step {step}" if step is not None else ""
+        if r.cancelled and code != 0:
+            self.end(job, "stopped", f"cancelled; the process stopped{at}", exit_code=code)
+            return
         if r.shutdown and code != 0:
             self.store.transition(
                 job.id,
@@ -213,9 +241,6 @@ class Worker:
                 attempts=job.attempts - 1,
             )
             self.say(f"job {job.id} requeued: this worker stops")
-            return
-        if r.cancel_sent is not None and code != 0:
-            self.end(job, "stopped", f"cancelled; the process stopped{at}", exit_code=code)
             return
         if code == 0:
             self.end(
@@ -263,34 +288,41 @@ class Worker:
         for job_id, r in list(self.running.items()):
             fresh = self.store.renew(job_id, self.name, self.settings.lease)
             if fresh is None:  # requeued by another worker: the run must not go on twice
-                self.say(f"job {job_id} is no longer this worker's: stopping its process")
-                process.stop(r.popen.pid, r.started, self.settings.grace)
-                r.popen.wait()
-                del self.running[job_id]
+                if not r.lost:
+                    self.say(f"job {job_id} is no longer this worker's: stopping its process")
+                    r.lost = True
+                    self._terminate(r)
                 continue
-            if fresh.cancel_requested and r.cancel_sent is None:
+            if fresh.cancel_requested and not r.cancelled:
                 self.say(f"job {job_id}: cancel requested, stopping it (SIGTERM)")
-                process.signal_group(r.popen.pid, signal.SIGTERM)
-                r.cancel_sent = time.monotonic()
+                r.cancelled = True
+                self._terminate(r)
+
+    def _terminate(self, r: Running) -> None:
+        """SIGTERM now (the run saves a checkpoint); :meth:`reap` sends SIGKILL after grace."""
+        if r.cancel_sent is None:
+            process.signal_group(r.popen.pid, signal.SIGTERM)
+            r.cancel_sent = time.monotonic()
 
     def requeue_expired(self) -> None:
         for job in self.store.expired():
             if job.id in self.running:
                 continue
             if job.host == self.host and job.pid and process.alive(job.pid, job.pid_started):
-                self.say(
-                    f"job {job.id}: its worker {job.worker} is gone; stopping its "
-                    f"process {job.pid} first"
-                )
-                process.stop(job.pid, job.pid_started, self.settings.grace)
+                self._stop_orphan(job)
+                continue  # requeued once its process is gone, never while it runs
+            self.orphans.pop(job.id, None)
             seen = job.lease_until.isoformat(timespec="seconds") if job.lease_until else "?"
-            if job.attempts < job.max_attempts:
+            fields: dict[str, Any] = {}
+            if job.cancel_requested:
+                state, error = "stopped", None
+                reason = f"cancelled; its worker {job.worker} stopped renewing its lease"
+            elif job.attempts < job.max_attempts:
                 state, error = "queued", None
                 reason = (
                     f"worker {job.worker} stopped renewing its lease (due {seen}); the "
                     "job resumes from its last checkpoint"
                 )
-                fields: dict[str, Any] = {}
             else:
                 state, error = "failed", f"its worker died while running it, {job.attempts} times"
                 reason = f"failed: {error}"
@@ -312,6 +344,18 @@ class Worker:
             )
             if done is not None:
                 self.say(f"job {job.id} {state}: {reason}")
+
+    def _stop_orphan(self, job: JobRow) -> None:
+        """SIGTERM the process a dead worker left running (it saves a checkpoint), SIGKILL
+        it once ``grace`` has passed; never waits, so this worker's own leases stay fresh."""
+        deadline = self.orphans.get(job.id)
+        if deadline is None:
+            self.say(f"job {job.id}: its worker {job.worker} is gone; stopping its process "
+                     f"{job.pid} before the job runs again")  # fmt: skip
+            process.signal_group(job.pid, signal.SIGTERM)
+            self.orphans[job.id] = time.monotonic() + self.settings.grace
+        elif time.monotonic() > deadline:
+            process.signal_group(job.pid, signal.SIGKILL)
 
     def stop_all(self) -> None:
         for r in self.running.values():

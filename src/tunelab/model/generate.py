@@ -46,6 +46,19 @@ def encode(tokenizer: Any, messages: list[dict[str, str]]) -> Any:
     return tokenizer("\n\n".join(m["content"] for m in messages), return_tensors="pt")
 
 
+class _StopWhenSet:
+    """A stopping criterion: stop every sequence once ``event`` is set (the reader left)."""
+
+    def __init__(self, event: Any) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool,
+                          device=input_ids.device)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Completion:
     """An answer and what it took: prompt and answer lengths in tokens, and whether it
@@ -59,12 +72,13 @@ class Completion:
 
 def complete(
     model: Any, tokenizer: Any, messages: list[dict[str, str]], sampling: Sampling = Sampling(),
-    streamer: Any = None,
+    streamer: Any = None, stop: Any = None,
 ) -> Completion:  # fmt: skip
     """The model's next assistant turn after ``messages``, rendered with its chat template
     (a model without one continues the messages' text instead).
 
-    ``streamer`` (a transformers streamer) receives the tokens as they are generated.
+    ``streamer`` (a transformers streamer) receives the tokens as they are generated;
+    ``stop`` (a ``threading.Event``) ends the answer early once it is set.
     """
     import torch
 
@@ -79,6 +93,7 @@ def complete(
             max_new_tokens=sampling.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             streamer=streamer,
+            stopping_criteria=[_StopWhenSet(stop)] if stop is not None else None,
             **sampling.generate_kwargs(),
         )
     if was_training:

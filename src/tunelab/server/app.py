@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
@@ -129,7 +130,7 @@ def create_app(
 
     app = FastAPI(title="tunelab", version=__version__, docs_url=None, redoc_url=None,
                   lifespan=lifespan)  # fmt: skip
-    allowed = [paths.root, *data_roots]
+    allowed = [paths.datasets, paths.runs, *data_roots]  # never lab.db or secret.key
 
     def guard(request: Request) -> None:
         access.check(request)
@@ -350,10 +351,9 @@ def create_app(
         if row.kind == "export" and ggufs:
             return FileResponse(ggufs[0], filename=ggufs[0].name)
         archive = folder.parent / f"{folder.name}.zip"
-        if not archive.exists():
-            made = shutil.make_archive(str(folder.parent / f"{TEMP_PREFIX}{folder.name}"), "zip",
-                                       folder)  # fmt: skip
-            os.replace(made, archive)
+        if not archive.exists():  # made once, under a name of its own per request
+            stem = folder.parent / f"{TEMP_PREFIX}{folder.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(shutil.make_archive(str(stem), "zip", folder), archive)
         return FileResponse(archive, filename=archive.name)
 
     @app.get("/api/runs/{name}/evaluations", dependencies=api)

@@ -1,42 +1,65 @@
-"""Which files a config that came over HTTP may name: those inside the lab, or under a data
-root given to ``tunelab serve --data-root``. Links are followed before deciding."""
+"""Which files a config that came over HTTP may name: those in the lab's datasets and runs,
+or under a data root given to ``tunelab serve --data-root``. Links are followed before
+deciding; databases other than SQLite files (which count as files) are refused."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from tunelab.config.locations import sqlite_file
 from tunelab.config.schema import DatasetSource
+from tunelab.redact import redact
+
+# top-level keys whose value may be a local path
+FILE_KEYS = ("base_model", "lora_model_dir", "dataset_prepared_path", "tokenizer_config",
+             "chat_template", "chat_template_jinja")  # fmt: skip
+ENTRY_KEYS = ("path", "format_file", "data_files")
 
 
 def _local(value: str) -> bool:
-    """A path on this machine, as opposed to a hub id, a built-in name or a database URL."""
-    if DatasetSource.database_kind(value):
+    """A path on this machine, as opposed to a hub id, a built-in name or template text."""
+    if "\n" in value or "{" in value:  # template text, not a file name
         return False
-    return value.startswith(("/", ".", "~")) or Path(value).exists()
+    return value.startswith(("/", ".", "~")) or Path(value).expanduser().exists()
+
+
+def _named(config: dict[str, Any]) -> list[tuple[str, str]]:
+    found = [(k, config[k]) for k in FILE_KEYS if isinstance(config.get(k), str)]
+    uri = config.get("mlflow_tracking_uri")
+    if isinstance(uri, str) and uri.startswith("file:"):
+        found.append(("mlflow_tracking_uri", urlsplit(uri).path))
+    for group in ("datasets", "pretraining_dataset"):
+        for i, entry in enumerate(config.get(group) or []):
+            if not isinstance(entry, dict):
+                continue
+            for key in ENTRY_KEYS:
+                values = entry.get(key)
+                for value in values if isinstance(values, list) else [values]:
+                    if isinstance(value, str):
+                        found.append((f"{group}.{i}.{key}", value))
+    return found
 
 
 def outside(config: dict[str, Any], allowed: list[Path]) -> list[str]:
-    """``key: path`` for each local path in ``config`` that lies outside ``allowed``."""
-    found: list[tuple[str, str]] = []
-    for key in ("base_model", "lora_model_dir", "dataset_prepared_path", "tokenizer_config"):
-        if isinstance(config.get(key), str):
-            found.append((key, config[key]))
-    for group in ("datasets", "pretraining_dataset"):
-        for i, entry in enumerate(config.get(group) or []):
-            if isinstance(entry, dict):
-                for key in ("path", "format_file"):
-                    if isinstance(entry.get(key), str):
-                        found.append((f"{group}.{i}.{key}", entry[key]))
+    """``key: path`` for each local file ``config`` names outside ``allowed``."""
     roots = [r.resolve() for r in allowed]
     problems = []
-    for key, value in found:
-        if not _local(value):
+    for key, value in _named(config):
+        database = DatasetSource.database_kind(value)
+        if database and database != "sqlite":
+            problems.append(f"{key}: {redact(value)}: a request may read no database but an "
+                            "SQLite file in the lab or a data root")  # fmt: skip
+            continue
+        if database == "sqlite":
+            value = str(sqlite_file(value))
+        elif not _local(value):
             continue
         real = Path(value).expanduser().resolve()
         if not any(real == r or real.is_relative_to(r) for r in roots):
             problems.append(
-                f"{key}: {value} is outside the lab and the data roots this server was given "
-                "(tunelab serve --data-root DIR)"
+                f"{key}: {value} is outside the lab's datasets and runs and the data roots "
+                "this server was given (tunelab serve --data-root DIR)"
             )
     return problems
