@@ -305,3 +305,33 @@ def test_data_files_are_for_hub_datasets(alpaca_file):
     with pytest.raises(DataError) as caught:
         load_examples(loaded.config)
     assert "data_files picks files from a hub dataset" in caught.value.message
+
+
+def test_superduperdb_llmtrainer_keys_read_as_tunelab_s(tiny_model_dir, alpaca_file):
+    """SuperDuperDB's LLMTrainer takes TrainingArguments' names plus use_lora, bits and
+    num_gpus: QLoRA is use_lora with bits 4, evaluation_strategy picks when to evaluate."""
+    from tunelab.config import load_config
+    from tunelab.errors import ConfigError
+
+    trainer = {
+        "model_name_or_path": str(tiny_model_dir), "datasets": [{"path": str(alpaca_file)}],
+        "output_dir": "output/finetune", "overwrite_output_dir": True, "num_train_epochs": 3,
+        "save_total_limit": 3, "logging_steps": 10, "evaluation_strategy": "steps",
+        "save_steps": 100, "eval_steps": 100, "per_device_train_batch_size": 1,
+        "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 2,
+        "max_seq_length": 128, "use_lora": True, "bits": 4, "num_gpus": 2,
+    }  # fmt: skip
+    loaded = load_config(data=trainer)
+    c = loaded.config
+    assert (c.adapter, c.num_epochs, c.micro_batch_size, c.eval_steps, c.sequence_len) == (
+        "qlora", 3, 1, 100, 128)  # fmt: skip
+    assert loaded.dialect == "tunelab"
+    assert any("num_gpus 2" in n for n in loaded.notes)
+    assert any(n.startswith("overwrite_output_dir is not used") for n in loaded.notes)
+    plain = load_config(data={**trainer, "bits": None, "evaluation_strategy": "epoch"}).config
+    assert (plain.adapter, plain.eval_steps, plain.evals_per_epoch) == ("lora", None, 1)
+    assert load_config(data={**trainer, "use_lora": False, "bits": None}).config.adapter == "full"
+    with pytest.raises(ConfigError) as info:
+        load_config(data={**trainer, "use_lora": False, "bits": 4, "evaluation_strategy": "x"})
+    assert len(info.value.problems) == 2
+    assert info.value.problems[0].startswith("bits: 4 trains an adapter")

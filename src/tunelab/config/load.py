@@ -30,6 +30,7 @@ from tunelab.config.keys import (
 )
 from tunelab.config.locations import data_path_problem, model_problem
 from tunelab.config.schema import DatasetSource, TuneConfig
+from tunelab.config.trainer_keys import translate_trainer_keys
 from tunelab.errors import ConfigError, DataError
 from tunelab.redact import MASK, is_masked
 from tunelab.textfile import loads_json, read_text
@@ -353,8 +354,10 @@ def load_config(
     raw = read_config_file(path) if path else copy.deepcopy(data or {})
     source_dir = Path(path).parent if path else source_dir
     data = unwrap_request(raw, notes)
-    dialect = recognise(data, request=data is not raw)
-    note = dialect_note(data, dialect, request=data is not raw)
+    request = data is not raw
+    data = translate_trainer_keys(data, notes, problems)
+    dialect = recognise(data, request=request)
+    note = dialect_note(data, dialect, request=request)
     if note:
         notes.append(note)
     data = drop_empty(data)
