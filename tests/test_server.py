@@ -396,3 +396,15 @@ def test_every_key_that_names_a_file_is_confined(server, tmp_path, data_root, ti
     pg = {"datasets": [{"path": "postgresql://u:pw@10.0.0.1/db", "query": "SELECT 1"}]}
     answer = httpx.post(f"{server.url}/api/jobs", json={"config": {**config, **pg}}, timeout=60)
     assert answer.status_code == 422 and "no database" in answer.text and "pw" not in answer.text
+
+
+def test_the_api_docs_page_loads_nothing_from_elsewhere(server):
+    import re
+
+    page = httpx.get(f"{server.url}/docs")
+    assert page.status_code == 200 and "swagger-ui-bundle.js" in page.text
+    outside = [u for u in re.findall(r"(?:src|href)=['\"]([^'\"]+)", page.text)
+               if u.startswith(("http:", "https:", "//"))]  # fmt: skip
+    assert outside == []
+    for url in re.findall(r"['\"](/static/[^'\"]+)['\"]", page.text):
+        assert httpx.get(f"{server.url}{url}").status_code == 200, url

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import httpx
 from fastapi import Depends, FastAPI, Form, Header, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import (
     FileResponse,
     HTMLResponse,
@@ -24,6 +25,7 @@ from fastapi.responses import (
     StreamingResponse,
 )
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from tunelab import __version__
@@ -149,6 +151,22 @@ def create_app(
         return JSONResponse({"detail": exc.message, "hint": exc.hint}, status)
 
     api = [Depends(guard)]
+
+    static = Path(__file__).parent / "static"
+    app.mount("/static", StaticFiles(directory=static, check_dir=False), name="static")
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def docs() -> Any:
+        bundle = static / "vendor" / "swagger-ui-dist" / "swagger-ui-bundle.js"
+        if not bundle.is_file():
+            raise HTTPException(503, "the docs page's files are not installed: run make setup "
+                                     "(tools/fetch_static.py)")  # fmt: skip
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json", title="tunelab API",
+            swagger_js_url="/static/vendor/swagger-ui-dist/swagger-ui-bundle.js",
+            swagger_css_url="/static/vendor/swagger-ui-dist/swagger-ui.css",
+            swagger_favicon_url="data:,",
+        )  # fmt: skip
 
     @app.get("/api/health")
     def health() -> dict[str, Any]:
