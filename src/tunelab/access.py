@@ -18,6 +18,22 @@ COOKIE = "tunelab_session"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+def server_token(host: str, given: str | None) -> str | None:
+    """The token a server on ``host`` requires: ``given``, else ``TUNELAB_TOKEN``; refused
+    when there is none and the address lets other machines in."""
+    import os
+
+    from tunelab.errors import TunelabError
+
+    token = given or os.environ.get("TUNELAB_TOKEN") or None
+    if not is_loopback(host) and not token:
+        raise TunelabError(
+            f"--host {host} lets other machines in, and no token is set",
+            "give --token SECRET (or TUNELAB_TOKEN), or listen on 127.0.0.1",
+        )
+    return token
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

@@ -315,19 +315,13 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve_model(args: argparse.Namespace) -> int:
-    import os
 
     import uvicorn
 
-    from tunelab.access import Access, is_loopback
+    from tunelab.access import Access, server_token
     from tunelab.infer.openai_api import create_model_app
 
-    token = args.token or os.environ.get("TUNELAB_TOKEN") or None
-    if not is_loopback(args.host) and not token:
-        raise TunelabError(
-            f"--host {args.host} lets other machines in, and no token is set",
-            "give --token SECRET (or TUNELAB_TOKEN), or listen on 127.0.0.1",
-        )
+    token = server_token(args.host, args.token)
     loaded, labels = _session(args, args.run_dir)
     app = create_model_app(loaded, labels[-1], Access(token))
     _log(f"OpenAI chat completions on http://{args.host}:{args.port}/v1 "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,16 +15,11 @@ LIGHT = ("serve",)
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from tunelab.access import Access, is_loopback
+    from tunelab.access import Access, server_token
     from tunelab.jobs.api import Lab
     from tunelab.server.app import create_app
 
-    token = args.token or os.environ.get("TUNELAB_TOKEN") or None
-    if not is_loopback(args.host) and not token:
-        raise TunelabError(
-            f"--host {args.host} lets other machines in, and no token is set",
-            "give --token SECRET (or TUNELAB_TOKEN), or listen on 127.0.0.1",
-        )
+    token = server_token(args.host, args.token)
     roots = [Path(r).expanduser().resolve() for r in args.data_root]
     missing = [str(r) for r in roots if not r.is_dir()]
     if missing:
