@@ -43,8 +43,12 @@ class Server:
             return False
 
     def stop(self) -> str:
+        """Stop the server; its worker and model processes must end with it."""
+        children = _children(self.proc.pid)
         self.proc.terminate()
         self.proc.wait(timeout=120)
+        until(lambda: not any(_alive(c) for c in children), "the server's children to end",
+              timeout=90)  # fmt: skip
         return self.log.read_text()
 
 
@@ -408,3 +412,11 @@ def test_the_api_docs_page_loads_nothing_from_elsewhere(server):
     assert outside == []
     for url in re.findall(r"['\"](/static/[^'\"]+)['\"]", page.text):
         assert httpx.get(f"{server.url}{url}").status_code == 200, url
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")

@@ -14,7 +14,7 @@ from pathlib import Path
 PR_SET_PDEATHSIG = 1
 
 
-def _stop_with_parent(parent: int) -> None:
+def stop_with_parent(parent: int) -> None:
     """In the child, before exec: SIGTERM when the worker dies (the run saves a checkpoint
     and stops), even when the worker is SIGKILLed and can stop nothing itself."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -39,7 +39,7 @@ def start(args: Sequence[str], log: Path, env: Mapping[str, str], cwd: Path) -> 
             env=dict(env),
             cwd=cwd,
             start_new_session=True,
-            preexec_fn=lambda: _stop_with_parent(parent),
+            preexec_fn=lambda: stop_with_parent(parent),
         )
 
 

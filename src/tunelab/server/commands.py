@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from tunelab.access import Access, server_token
+    from tunelab.jobs import process
     from tunelab.jobs.api import Lab
     from tunelab.server.app import create_app
 
@@ -27,8 +29,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     lab = Lab(args.lab)
     worker = None
     if not args.no_worker:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "tunelab", "worker", "--lab", str(lab.paths.root)]
+        parent = os.getpid()  # uvicorn ends this process by its own signal: the worker
+        worker = subprocess.Popen(  # is told to stop (and requeue its jobs) by the kernel
+            [sys.executable, "-m", "tunelab", "worker", "--lab", str(lab.paths.root)],
+            preexec_fn=lambda: process.stop_with_parent(parent),
         )
     alone = "" if worker else " (no worker: run tunelab worker elsewhere)"
     print(f"tunelab serve: lab {lab.paths.root} on http://{args.host}:{args.port}/{alone}",

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 
 from tunelab.errors import TunelabError
+from tunelab.jobs.process import stop_with_parent
 
 START_TIMEOUT = 600.0
 
@@ -90,8 +91,10 @@ class ModelProcesses:
         args = [sys.executable, "-m", "tunelab", "serve-model", run, "--compare", "--port",
                 str(port)] + (["--checkpoint", checkpoint] if checkpoint else [])  # fmt: skip
         with open(log, "wb") as out:
+            parent = os.getpid()
             proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "TUNELAB_TOKEN": token})  # fmt: skip
+                                    env={**os.environ, "TUNELAB_TOKEN": token},
+                                    preexec_fn=lambda: stop_with_parent(parent))  # fmt: skip
         started = ModelProcess(key, proc, f"http://127.0.0.1:{port}/v1", token, log)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
