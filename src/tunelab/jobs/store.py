@@ -13,7 +13,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, delete, func, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from tunelab.errors import TunelabError
@@ -305,7 +304,3 @@ class Store:
                     worker=worker,
                 )
             )
-
-
-def unique_violation(exc: IntegrityError) -> bool:
-    return "unique" in str(exc.orig).lower()

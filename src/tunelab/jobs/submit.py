@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 
 from tunelab.config import LoadedConfig, load_config, resolved_dict
-from tunelab.config.load import parse_set, read_config_file
+from tunelab.config.load import read_config_file
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.jobs.db import JobRow
 from tunelab.jobs.lab import LabPaths, check_name, seal
@@ -265,10 +265,6 @@ def _names(base: str, label: str, wanted: str | None) -> Iterator[str]:
         yield stem
     for n in itertools.count(1):
         yield f"{stem}-{n}"
-
-
-def parse_sets(sets: Sequence[str]) -> list[tuple[str, Any]]:
-    return [parse_set(s) for s in sets]
 
 
 def retry(store: Store, old: JobRow) -> JobRow:
