@@ -57,6 +57,8 @@ def test_killed_worker_three_jobs_all_finish_and_the_resumed_one_matches(
     reasons = [e["reason"] for e in first.info()["events"]]
     assert any("stopped renewing its lease" in r for r in reasons), reasons
     assert "resuming from" in first.logs()
+    model, _ = lab.load("count")  # a template's name: its latest completed job
+    assert type(model).__name__.startswith("Peft")
     whole = train(load_config(overrides={**settings, **{k: v for k, v in
                   load_config(config).config.model_dump().items() if k in ("base_model",)},
                   "datasets": [{"path": str(tmp_path / "data.json")}], "lora_r": 4,

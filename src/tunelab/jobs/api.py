@@ -192,6 +192,12 @@ class Lab:
             return Path(ref)
         if isinstance(ref, str) and (self.paths.runs / ref).is_dir():
             return self.paths.runs / ref
+        if isinstance(ref, str) and ref in {t.name for t in self.store.templates()}:
+            done = [j for j in self.store.jobs(["completed"]) if j.template == ref]
+            if not done:
+                raise TunelabError(f"no job of template {ref} has completed yet",
+                                   "tunelab jobs list shows where its jobs are")  # fmt: skip
+            return Path(done[-1].run_dir)  # the latest
         return Path(self.store.job(ref).run_dir)
 
     def load(
@@ -201,8 +207,9 @@ class Lab:
         load_in_4bit: bool = False,
         merge: bool = False,
     ) -> tuple[Any, Any]:
-        """(model, tokenizer) of a job's run (a Job, a job id or name, a run directory or a
-        run name in the lab): the base with the adapter attached, ready to generate;
+        """(model, tokenizer) of a job's run (a Job, a job id or name, a run directory, a
+        run name in the lab, or a template's name: its latest completed job): the base
+        with the adapter attached, ready to generate;
         ``checkpoint`` "best", "last" or a step; ``merge`` folds the adapter in."""
         from tunelab.infer.load import load, resolve_target
 

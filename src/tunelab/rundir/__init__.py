@@ -46,7 +46,13 @@ from tunelab.rundir.layout import (
     recover_swap,
     write_json,
 )
-from tunelab.rundir.metrics import METRIC_KEYS, append_metrics, follow_metrics, read_metrics
+from tunelab.rundir.metrics import (
+    METRIC_KEYS,
+    append_metrics,
+    follow_metrics,
+    read_metrics,
+    whole_lines,
+)
 from tunelab.rundir.runs import describe_run, list_runs
 from tunelab.rundir.status import (
     STATUS_VERSION,
@@ -62,5 +68,5 @@ __all__ = [
     "check_output_dir", "checkpoint_index", "checkpoint_step", "complete_checkpoints",
     "describe_run", "files_to_push", "follow_metrics", "incomplete_checkpoints", "list_runs",
     "move_into", "read_json", "read_metrics", "read_status", "recover_swap", "write_json",
-    "write_status",
+    "whole_lines", "write_status",
 ]  # fmt: skip

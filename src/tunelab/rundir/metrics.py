@@ -29,15 +29,14 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return follow_metrics(path)[0]
 
 
-def follow_metrics(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
-    """The records written to ``path`` from byte ``offset`` on, oldest first, and the offset
-    to pass next time: a reader in another process follows a run by its position in the
-    file, so it sees every record once, also several written at the same step.
+def whole_lines(path: Path, offset: int = 0) -> list[tuple[bytes, int]]:
+    """The lines written to ``path`` from byte ``offset`` on, each with the offset just past
+    it: a reader in another process follows a growing file by its position in it.
 
-    A line not finished yet (one being written, or the last of a killed run) is left out
-    and not passed: the next read returns it once the writer has finished it. A file
-    shorter than ``offset`` was rewritten (a resumed run drops the records after its
-    checkpoint): it is read again from its start."""
+    A line not finished yet (one being written, or the last of a killed writer) is left out:
+    the next read returns it once it is whole. A file shorter than ``offset`` was rewritten
+    (a resumed run drops the records after its checkpoint): it is read again from its
+    start. A missing file has no lines."""
     try:
         with path.open("rb") as f:
             if offset > os.fstat(f.fileno()).st_size:
@@ -45,14 +44,27 @@ def follow_metrics(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], i
             f.seek(offset)
             data = f.read()
     except FileNotFoundError:
-        return [], 0
-    end = data.rfind(b"\n") + 1  # only whole lines
+        return []
+    lines = []
+    for line in data[: data.rfind(b"\n") + 1].splitlines(keepends=True):
+        offset += len(line)
+        lines.append((line.rstrip(b"\n"), offset))
+    return lines
+
+
+def follow_metrics(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """The records written to ``path`` from byte ``offset`` on, oldest first, and the offset
+    to pass next time (see :func:`whole_lines`), so a reader sees every record once, also
+    several written at the same step."""
+    lines = whole_lines(path, offset)
     records = []
-    for line in data[:end].splitlines():
+    for line, _ in lines:
         try:
             record = json.loads(line)
         except ValueError:  # also a line that is not UTF-8
             continue
         if isinstance(record, dict) and "step" in record:
             records.append(record)
-    return records, offset + end
+    if lines:
+        return records, lines[-1][1]
+    return records, offset if path.exists() and offset <= path.stat().st_size else 0

@@ -40,7 +40,7 @@ from tunelab.jobs.submit import Submission, given_config, retry, submit
 from tunelab.jobs.tasks import add_task
 from tunelab.jobs.templates import save_template
 from tunelab.jobs.views import checkpoint_rows, job_record, run_rows, template_record
-from tunelab.rundir import RunLayout
+from tunelab.rundir import RunLayout, whole_lines
 from tunelab.server import datasets
 from tunelab.server.checks import validate_in_subprocess
 from tunelab.server.models import ModelProcess, ModelProcesses
@@ -414,27 +414,21 @@ def _offset(last_event_id: str | None) -> int:
 async def _follow(
     store: Store, job_id: int, path: Path, offset: int, text: bool
 ) -> AsyncIterator[ServerSentEvent]:
-    """Complete lines of ``path`` from byte ``offset`` on, each event's id the offset after
+    """The whole lines of ``path`` from byte ``offset`` on, each event's id the offset after
     it (a client that reconnects with Last-Event-ID gets what it missed); an ``end`` event
     once the job has ended and everything is sent."""
     import json
 
     while True:
         ended = (await run_in_threadpool(store.job, job_id)).state in FINAL
-        chunk = b""
-        if path.exists():
-            with open(path, "rb") as f:
-                f.seek(offset)
-                chunk = f.read()
-        complete = chunk[: chunk.rfind(b"\n") + 1] if b"\n" in chunk else b""
-        for line in complete.splitlines(keepends=True):
-            offset += len(line)
-            body = line.decode("utf-8", errors="replace").rstrip("\n")
+        lines = whole_lines(path, offset)
+        for line, offset in lines:
+            body = line.decode("utf-8", errors="replace")
             if text:
                 yield ServerSentEvent(data=body, event="log", id=str(offset))
             elif body.strip():
                 yield ServerSentEvent(data=json.loads(body), event="metrics", id=str(offset))
-        if ended and len(complete) == len(chunk):
+        if ended and not whole_lines(path, offset):
             yield ServerSentEvent(data={"state": "ended"}, event="end", id=str(offset))
             return
         await asyncio.sleep(POLL)
