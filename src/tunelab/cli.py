@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -148,16 +151,50 @@ def _prepared(args: argparse.Namespace):
     return rp.config, rp.tokenizer, rp.data
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
+def _inspection(args: argparse.Namespace) -> dict[str, Any]:
+    """What `data inspect` shows, as data: the CLI prints it, the preview process sends it."""
     from tunelab.data import inspect
 
     _, tokenizer, data = _prepared(args)
-    rep = inspect.report(data, tokenizer, args.n)
+    return inspect.report(data, tokenizer, args.n)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from tunelab.data import inspect
+
+    if args.serve:  # the server's preview process: many inspections, one process
+        from tunelab.server import preview_service
+
+        return preview_service.serve(inspect_answer)
+    rep = _inspection(args)
     if args.json:
         print(inspect.dump_json(rep))
     else:
         inspect.print_report(rep)
     return 0
+
+
+def inspect_answer(argv: list[str]) -> dict[str, Any]:
+    """``tunelab data inspect ARGV --json`` answered in this process: ``{"stdout": TEXT}``
+    with what the command prints, or ``{"failure": RECORD}`` with what it writes to
+    ``TUNELAB_RESULT_FILE`` (a bad argument as the server reads it from a failed command)."""
+    from tunelab.data import inspect
+
+    usage = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(usage):
+            args = build_parser().parse_args(["data", "inspect", *argv])
+    except SystemExit:
+        tail = usage.getvalue().strip().splitlines()[-1:] or ["no output"]
+        return {"failure": _record(2, f"tunelab data failed: {tail[0]}")}
+    try:
+        return {"stdout": redact(inspect.dump_json(_inspection(args))) + "\n"}
+    except TunelabError as exc:  # as main() reports it; the process stays up for the next one
+        _stderr(f"error: {redact(str(exc))}")
+        return {"failure": _error_record(exc, args.command)}
+    except Exception as exc:  # a crash: its traceback in the log (stderr)
+        traceback.print_exc()
+        return {"failure": _error_record(exc, args.command)}
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
@@ -344,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "data inspect":
             p.add_argument("-n", type=int, default=3, help="how many examples to show (default 3)")
             p.add_argument("--json", action="store_true", help="print one JSON object")
+            p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
         if name == "train":
             p.add_argument(
                 "--overwrite", action="store_true", help="replace a finished run in --output"
@@ -422,11 +460,11 @@ def main(argv: list[str] | None = None) -> int:
             return handler(args)
     except TunelabError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
-        _report(exc.exit_code, exc.message, exc.hint, getattr(exc, "problems", None))
+        _report(_error_record(exc, args.command))
         return exc.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
-        _report(130, "interrupted")
+        _report(_record(130, "interrupted"))
         return 130
     except Exception as exc:  # a crash, not bad input: say what, keep the details in the log
         if os.environ.get("TUNELAB_DEBUG"):
@@ -434,20 +472,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
         where = "the run's train.log; " if args.command in ("train", "demo") else ""
         print(f"  (the traceback: {where}TUNELAB_DEBUG=1 shows it here)", file=sys.stderr)
-        _report(1, f"{type(exc).__name__}: {str(exc).strip()}", f"the traceback: {where}"
-                "TUNELAB_DEBUG=1 shows it")  # fmt: skip
+        _report(_error_record(exc, args.command))
         return 1
 
 
-def _report(
+def _error_record(exc: Exception, command: str) -> dict[str, Any]:
+    """A failed command's error as data: a TunelabError as raised, else a crash named by its
+    type (the traceback is in the log)."""
+    if isinstance(exc, TunelabError):
+        return _record(exc.exit_code, exc.message, exc.hint, getattr(exc, "problems", None))
+    where = "the run's train.log; " if command in ("train", "demo") else ""
+    return _record(1, f"{type(exc).__name__}: {str(exc).strip()}",
+                   f"the traceback: {where}TUNELAB_DEBUG=1 shows it")  # fmt: skip
+
+
+def _record(
     code: int, message: str, hint: str | None = None, problems: list[str] | None = None
-) -> None:
-    """For a job's worker or the server (``TUNELAB_RESULT_FILE``): the error as data, not
-    console text; a config's problems one by one."""
+) -> dict[str, Any]:
+    """The error as data, not console text (credentials masked); a config's problems one by
+    one."""
+    return {"exit_code": code, "error": redact(message), "hint": redact(hint or "") or None,
+            "problems": [redact(p) for p in problems] if problems else None}  # fmt: skip
+
+
+def _report(record: dict[str, Any]) -> None:
+    """For a job's worker or the server (``TUNELAB_RESULT_FILE``): the error ``record``."""
     target = os.environ.get("TUNELAB_RESULT_FILE")
     if target:
-        record = {"exit_code": code, "error": redact(message), "hint": redact(hint or "") or None,
-                  "problems": [redact(p) for p in problems] if problems else None}  # fmt: skip
         Path(target).write_text(json.dumps(record), encoding="utf-8")
 
 

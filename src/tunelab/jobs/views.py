@@ -124,6 +124,17 @@ def checkpoint_rows(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def evaluation_rows(run_dir: Path) -> list[dict[str, str]]:
+    """The run's evaluations table (``evaluations.csv``), a dict per row."""
+    import csv
+
+    table = RunLayout(run_dir).evaluations
+    if not table.is_file():
+        return []
+    with open(table, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
 def _copied_step(path: Path) -> int | None:
     import json
 

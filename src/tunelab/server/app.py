@@ -33,17 +33,25 @@ from tunelab.access import COOKIE, Access
 from tunelab.config import LoadedConfig
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.files import TEMP_PREFIX
+from tunelab.jobs.db import JobRow
 from tunelab.jobs.lab import LabPaths
 from tunelab.jobs.states import FINAL
 from tunelab.jobs.store import NotFound, Store
 from tunelab.jobs.submit import Submission, given_config, retry, submit
 from tunelab.jobs.tasks import add_task
 from tunelab.jobs.templates import save_template
-from tunelab.jobs.views import checkpoint_rows, job_record, run_rows, template_record
-from tunelab.rundir import RunLayout, whole_lines
+from tunelab.jobs.views import (
+    checkpoint_rows,
+    evaluation_rows,
+    job_record,
+    run_rows,
+    template_record,
+)
+from tunelab.rundir import RunLayout, read_metrics, whole_lines
 from tunelab.server import datasets
 from tunelab.server.checks import validate_in_subprocess
 from tunelab.server.models import ModelProcess, ModelProcesses
+from tunelab.server.pages import PageContext, add_pages
 from tunelab.server.paths import outside
 
 POLL = 0.5  # seconds between looks at a log or metrics file that is still growing
@@ -115,6 +123,7 @@ def create_app(
 ) -> FastAPI:  # fmt: skip
     """The application for one lab."""
     models = ModelProcesses(paths.logs / "models", model_idle)
+    previewer = datasets.Previewer(paths.logs / "preview.log")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -129,6 +138,7 @@ def create_app(
         finally:
             task.cancel()
             await asyncio.to_thread(models.stop_all)
+            await asyncio.to_thread(previewer.close)
 
     app = FastAPI(title="tunelab", version=__version__, docs_url=None, redoc_url=None,
                   lifespan=lifespan)  # fmt: skip
@@ -294,7 +304,7 @@ def create_app(
         path = datasets.find(paths.datasets, name)
         if base_model and outside({"base_model": base_model}, allowed):
             raise ConfigError(outside({"base_model": base_model}, allowed))
-        return datasets.preview(path, base_model, format, template, min(max(n, 1), 20))
+        return previewer.preview(path, base_model, format, template, min(max(n, 1), 20))
 
     # -- chat and generation -------------------------------------------------------------
     def run_of(ref: str) -> Path:
@@ -345,8 +355,7 @@ def create_app(
     def checkpoints(name: str) -> list[dict[str, Any]]:
         return checkpoint_rows(run_folder(name))
 
-    @app.post("/api/runs/{name}/{kind}", dependencies=api, status_code=201)
-    def run_task(name: str, kind: Literal["evaluate", "merge", "export"], body: TaskIn) -> Any:
+    def queue_task(name: str, kind: str, body: TaskIn) -> JobRow:
         run = run_folder(name)
         task = "eval" if kind == "evaluate" else kind
         options: dict[str, Any] = {"checkpoint": body.checkpoint}
@@ -356,7 +365,11 @@ def create_app(
             options.update(data=body.data, comment=body.comment, base=body.base)
         if task == "export":
             options["quant"] = body.quant
-        return job_record(store, add_task(paths, store, task, run, options))
+        return add_task(paths, store, task, run, options)
+
+    @app.post("/api/runs/{name}/{kind}", dependencies=api, status_code=201)
+    def run_task(name: str, kind: Literal["evaluate", "merge", "export"], body: TaskIn) -> Any:
+        return job_record(store, queue_task(name, kind, body))
 
     @app.get("/api/jobs/{ref}/download", dependencies=api)
     def download(ref: str) -> Any:
@@ -376,14 +389,15 @@ def create_app(
 
     @app.get("/api/runs/{name}/evaluations", dependencies=api)
     def evaluations(name: str) -> list[dict[str, str]]:
-        import csv
+        return evaluation_rows(run_folder(name))
 
-        table = RunLayout(run_folder(name)).evaluations
-        if not table.is_file():
-            return []
-        with open(table, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+    @app.get("/api/runs/{name}/metrics", dependencies=api)
+    def run_metrics(name: str) -> list[dict[str, Any]]:
+        return read_metrics(RunLayout(run_folder(name)).metrics)
 
+    app.state.max_upload = max_upload
+    add_pages(app, PageContext(paths, store, access, check, allowed, previewer.preview,
+                               queue_task, TaskIn))  # fmt: skip
     return app
 
 

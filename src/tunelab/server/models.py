@@ -79,11 +79,14 @@ class ModelProcesses:
             if current is not None and current.proc.poll() is None:
                 current.last_used = time.monotonic()
                 return current
-            started = await asyncio.to_thread(self._start, key)
+            # started from the event loop's thread, which lives as long as the server: the
+            # kernel's "stop with the parent" is told by the end of the thread that forked
+            started = self._spawn(key)
+            await asyncio.to_thread(self._until_ready, started)
             self.running[key] = started
             return started
 
-    def _start(self, key: tuple[str, str | None]) -> ModelProcess:
+    def _spawn(self, key: tuple[str, str | None]) -> ModelProcess:
         run, checkpoint = key
         port, token = _free_port(), secrets.token_urlsafe(24)
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -95,7 +98,10 @@ class ModelProcesses:
             proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
                                     env={**os.environ, "TUNELAB_TOKEN": token},
                                     preexec_fn=lambda: stop_with_parent(parent))  # fmt: skip
-        started = ModelProcess(key, proc, f"http://127.0.0.1:{port}/v1", token, log)
+        return ModelProcess(key, proc, f"http://127.0.0.1:{port}/v1", token, log)
+
+    def _until_ready(self, started: ModelProcess) -> None:
+        run, proc, log = started.key[0], started.proc, started.log
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -107,7 +113,7 @@ class ModelProcesses:
                 if httpx.get(f"{started.url}/models", headers=started.headers,
                              timeout=2).status_code == 200:  # fmt: skip
                     started.last_used = time.monotonic()  # idle from now, not from the start
-                    return started
+                    return
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
