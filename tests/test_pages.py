@@ -88,7 +88,10 @@ def test_build_a_template_queue_it_watch_it_train_and_chat_with_it(site, page, t
     fill(page, "save_steps", "50")
 
     page.get_by_role("tab", name="Data").click()
-    fill(page, "ds.path", str(site.data))
+    page.locator("input[type=file]").set_input_files(str(site.data))  # an upload
+    page.get_by_role("button", name="Upload", exact=True).click()
+    until(lambda: page.locator("[name='ds.path']").input_value().startswith("memorise-"),
+          "the uploaded file's name in the dataset field")  # fmt: skip
     fill(page, "sequence_len", "128")
     fill(page, "val_set_size", "2")
     page.locator("#preview .sample mark.trained").first.wait_for(timeout=120_000)
@@ -230,29 +233,54 @@ def test_pages_ask_for_the_token_and_log_in_with_it(tmp_path, page):
         site.stop()
 
 
-def test_the_queue_page_cancels_retries_and_removes(tmp_path, page, tiny_model_dir):
+@pytest.fixture
+def idle_site(tmp_path, tiny_model_dir):
+    """A server with no worker (jobs wait in the queue) and a config for the tiny model."""
     from .jobs_helpers import write_config
 
     root = tmp_path / "data"
     root.mkdir()
-    config = yaml.safe_load(write_config(root, tiny_model_dir).read_text())
-    site = Server(tmp_path / "lab", "--no-worker", "--data-root", str(root), "--data-root",
-                  str(tiny_model_dir))  # fmt: skip
-    try:
-        made = httpx.post(f"{site.url}/api/jobs", timeout=180,
-                          json={"config": config, "sweep": ["lora_r=4,8"]}).json()  # fmt: skip
-        first, second = (j["id"] for j in made)
-        page.goto(f"{site.url}/queue")
-        row = page.locator(f"tr[data-job='{second}']")
-        assert row.locator("td").nth(4).inner_text() == "2"  # its place in the queue
-        row.get_by_role("button", name="Cancel").click()
-        page.locator(f"tr[data-job='{second}'][data-state='stopped']").wait_for(timeout=30_000)
-        page.locator(f"tr[data-job='{second}']").get_by_role("button", name="Retry").click()
-        page.locator("tr[data-state='queued']").nth(1).wait_for(timeout=30_000)
-        page.locator(f"tr[data-job='{second}']").get_by_role("button", name="Remove").click()
-        page.locator(f"tr[data-job='{second}']").wait_for(state="detached", timeout=30_000)
-        states = {j["id"]: j["state"] for j in httpx.get(f"{site.url}/api/jobs").json()}
-        assert second not in states and states[first] == "queued"
-        assert sorted(states.values()) == ["queued", "queued"]
-    finally:
-        site.stop()
+    s = Server(tmp_path / "lab", "--no-worker", "--data-root", str(root), "--data-root",
+               str(tiny_model_dir))  # fmt: skip
+    s.config = yaml.safe_load(write_config(root, tiny_model_dir).read_text())
+    s.data = root / "data.json"
+    yield s
+    s.stop()
+
+
+def test_the_queue_page_cancels_retries_and_removes(idle_site, page):
+    site, config = idle_site, idle_site.config
+    made = httpx.post(f"{site.url}/api/jobs", timeout=180,
+                      json={"config": config, "sweep": ["lora_r=4,8"]}).json()  # fmt: skip
+    first, second = (j["id"] for j in made)
+    page.goto(f"{site.url}/queue")
+    row = page.locator(f"tr[data-job='{second}']")
+    assert row.locator("td").nth(4).inner_text() == "2"  # its place in the queue
+    row.get_by_role("button", name="Cancel").click()
+    page.locator(f"tr[data-job='{second}'][data-state='stopped']").wait_for(timeout=30_000)
+    page.locator(f"tr[data-job='{second}']").get_by_role("button", name="Retry").click()
+    page.locator("tr[data-state='queued']").nth(1).wait_for(timeout=30_000)
+    page.locator(f"tr[data-job='{second}']").get_by_role("button", name="Remove").click()
+    page.locator(f"tr[data-job='{second}']").wait_for(state="detached", timeout=30_000)
+    states = {j["id"]: j["state"] for j in httpx.get(f"{site.url}/api/jobs").json()}
+    assert second not in states and states[first] == "queued"
+    assert sorted(states.values()) == ["queued", "queued"]
+
+
+def test_a_failed_job_s_page_shows_the_error_and_its_hint(idle_site, page, tmp_path):
+    from .jobs_helpers import start_worker
+
+    site, config, lab = idle_site, idle_site.config, tmp_path / "lab"
+    job = httpx.post(f"{site.url}/api/jobs", json={"config": config}, timeout=180).json()[0]
+    page.goto(f"{site.url}/jobs/{job['id']}")
+    assert "position 1 in the queue" in page.locator("#job-status").inner_text()
+    site.data.unlink()  # gone before a worker takes the job
+    worker = start_worker(lab, "--drain")
+    assert worker.wait(timeout=300) == 0
+    alert = page.locator("#job-status [role=alert]")
+    alert.wait_for(timeout=30_000)
+    record = httpx.get(f"{site.url}/api/jobs/{job['id']}").json()
+    assert record["state"] == "failed" and record["error"] and record["hint"]
+    assert record["error"] in alert.inner_text() and record["hint"] in alert.inner_text()
+    assert page.locator("#job-state").inner_text() == "failed"
+    page.get_by_role("button", name="Retry").wait_for()

@@ -165,6 +165,10 @@ def add_pages(app: FastAPI, ctx: PageContext) -> None:
         name = form.get("name", "").strip()
         try:
             config = forms.config_from_form(form)
+            for source in config.get("datasets") or []:  # an upload's name: its whole path
+                uploaded = paths.datasets / str(source.get("path", ""))
+                if "/" not in str(source.get("path", "/")) and uploaded.is_file():
+                    source["path"] = str(uploaded)
             row = await _threaded(
                 save_template, paths, store, name, config, ctx.check,
                 form.get("description") or None, form.get("editing") == "1",

@@ -73,7 +73,10 @@ function makeChart(el, series) {
     }))),
   };
   if (series.some((s) => s.scale === "lr")) {
-    opts.axes.push({ scale: "lr", side: 1, label: "learning rate", grid: { show: false } });
+    opts.axes.push({
+      scale: "lr", side: 1, label: "learning rate", grid: { show: false }, size: 70,
+      values: (u, ticks) => ticks.map((v) => (v === 0 ? "0" : v.toExponential(1))),
+    });
   }
   const data = [[]].concat(series.map(() => []));
   const chart = new uPlot(opts, data, el);
