@@ -226,6 +226,11 @@ def test_pages_ask_for_the_token_and_log_in_with_it(tmp_path, page):
         page.wait_for_url(re.compile(r"/queue$"))
         assert page.locator("h1").inner_text() == "Queue"
         assert "page-token-123" not in page.content()
+        page.context.clear_cookies()  # as after a restart of the server: the queue's next
+        page.wait_for_url(re.compile(r"/login$"), timeout=30_000)  # refresh asks to log in
+        page.locator("input[name=token]").fill("page-token-123")
+        page.get_by_role("button", name="Log in").click()
+        page.wait_for_url(re.compile(r"/queue$"))
         page.get_by_role("button", name="Log out").click()
         page.goto(f"{site.url}/templates")
         assert page.url.endswith("/login")
@@ -284,3 +289,40 @@ def test_a_failed_job_s_page_shows_the_error_and_its_hint(idle_site, page, tmp_p
     assert record["error"] in alert.inner_text() and record["hint"] in alert.inner_text()
     assert page.locator("#job-state").inner_text() == "failed"
     page.get_by_role("button", name="Retry").wait_for()
+
+
+def test_editing_a_template_in_the_form_keeps_what_the_form_does_not_change(idle_site, page):
+    config = {**idle_site.config, "lora_target_modules": ["q_proj", "v_proj"],
+              "learning_rate": 1e-5, "bf16": False, "gradient_accumulation_steps": 2}  # fmt: skip
+    config["datasets"] = [{**config["datasets"][0], "type": "alpaca", "field": None}]
+    config["datasets"][0].pop("field")
+    made = httpx.post(f"{idle_site.url}/api/templates", timeout=180,
+                      json={"name": "kept", "config": config, "description": "before"})  # fmt: skip
+    assert made.status_code == 201, made.text
+    before = made.json()["config"]
+    page.goto(f"{idle_site.url}/templates")
+    page.get_by_role("link", name="kept").click()
+    assert page.locator("[name=lora_target_modules]").input_value() == "[q_proj, v_proj]"
+    fill(page, "lora_r", "8")
+    fill(page, "description", "after")
+    page.get_by_role("button", name="Save", exact=True).click()
+    page.wait_for_url(re.compile(r"/templates\?saved=kept$"), timeout=180_000)
+    after = httpx.get(f"{idle_site.url}/api/templates/kept").json()
+    assert after["description"] == "after"
+    assert after["config"] == {**before, "lora_r": 8}
+
+
+def test_the_preview_reads_and_writes_nothing_outside_the_lab(idle_site, tmp_path):
+    secret = tmp_path / "elsewhere" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("the content of a file outside the lab")
+    base = {"ds.path": str(idle_site.data), "base_model": idle_site.config["base_model"]}
+    for key, value in [("ds.path", str(secret)), ("chat_template_jinja", str(secret)),
+                       ("ds.format_file", str(secret)), ("base_model", str(secret.parent))]:  # fmt: skip
+        answer = httpx.get(f"{idle_site.url}/preview", params={**base, key: value}, timeout=60)
+        assert answer.status_code == 200 and "outside the lab" in answer.text, key
+        assert "the content of a file" not in answer.text
+    cache = tmp_path / "elsewhere" / "cache"
+    answer = httpx.get(f"{idle_site.url}/preview", timeout=180,
+                       params={**base, "dataset_prepared_path": str(cache)})  # fmt: skip
+    assert "sample" in answer.text and not cache.exists()  # previewed; nothing written there

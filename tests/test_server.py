@@ -112,6 +112,12 @@ def test_state_changes_need_post_and_the_same_origin(server, data_root, tiny_mod
     answer = httpx.post(f"{server.url}/api/templates", headers={"Origin": "http://evil.example"},
                         json={"name": "x", "config": {}})  # fmt: skip
     assert answer.status_code == 403
+    evil = {"Origin": "http://evil.example"}
+    for path in ("/templates", "/templates/x/queue", "/datasets", "/runs/x/tasks/merge"):
+        posted = httpx.post(f"{server.url}{path}", headers=evil, data={"name": "x"})
+        assert posted.status_code == 403, path  # the pages' forms are POST, same origin only
+    for path in ("/templates/x/queue", "/datasets", "/runs/x/tasks/merge"):
+        assert httpx.get(f"{server.url}{path}").status_code in (404, 405), path
     assert httpx.get(f"{server.url}/openapi.json").json()["info"]["title"] == "tunelab"
 
 
@@ -172,6 +178,10 @@ def test_a_job_over_http_runs_and_its_log_streams_and_resumes(server, data_root,
     assert final["state"] == "completed" and final["result"]["model_id"] == "m1"
     answers += [httpx.get(f"{server.url}/api/jobs/{job['id']}").text,
                 httpx.get(f"{server.url}/api/jobs").text]  # fmt: skip
+    for page in (f"/jobs/{job['id']}", f"/jobs/{job['id']}/status", "/queue", "/runs",
+                 f"/runs/{Path(final['run_dir']).name}", "/chat"):  # fmt: skip
+        answers.append(httpx.get(f"{server.url}{page}").text)
+        assert answers[-1].startswith("<") or "<p" in answers[-1], page
     for secret in secrets.values():
         assert not any(secret in a for a in answers)
     imported = server.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import uuid
@@ -331,6 +332,11 @@ def create_app(
                         async with client.stream("POST", f"{model.url}/chat/completions",
                                                  json={**request, "model": label,
                                                        "stream": True}) as answer:  # fmt: skip
+                            if answer.status_code != 200:  # said as a stream says errors
+                                error = {"message": f"the model process answered "
+                                                    f"{answer.status_code}"}  # fmt: skip
+                                yield f"data: {json.dumps({'error': error})}\n\n".encode()
+                                return
                             async for chunk in answer.aiter_bytes():
                                 yield chunk
 
@@ -396,7 +402,7 @@ def create_app(
         return read_metrics(RunLayout(run_folder(name)).metrics)
 
     app.state.max_upload = max_upload
-    add_pages(app, PageContext(paths, store, access, check, allowed, previewer.preview,
+    add_pages(app, PageContext(paths, store, access, check, allowed, previewer.preview_config,
                                queue_task, TaskIn))  # fmt: skip
     return app
 
@@ -431,8 +437,6 @@ async def _follow(
     """The whole lines of ``path`` from byte ``offset`` on, each event's id the offset after
     it (a client that reconnects with Last-Event-ID gets what it missed); an ``end`` event
     once the job has ended and everything is sent."""
-    import json
-
     while True:
         ended = (await run_in_threadpool(store.job, job_id)).state in FINAL
         lines = whole_lines(path, offset)

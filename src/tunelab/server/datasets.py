@@ -10,6 +10,7 @@ import re
 import select
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import yaml
 from fastapi import HTTPException, UploadFile
 
 from tunelab.errors import ConfigError, TunelabError
@@ -130,6 +132,14 @@ class Previewer:
         args = inspect_args(path, base_model, dataset_format, data_template, n, format_file,
                             sets)  # fmt: skip
         return json.loads(self.inspect(args))
+
+    def preview_config(self, config: dict[str, Any], n: int) -> dict[str, Any]:
+        """What ``tunelab data inspect CONFIG --json`` says of a config's data (the page's
+        form as it stands: its datasets, data settings and tokenizer)."""
+        with tempfile.TemporaryDirectory(prefix="tunelab-preview-") as tmp:
+            path = Path(tmp) / "config.yaml"
+            path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+            return json.loads(self.inspect([str(path), "--json", "-n", str(n)]))
 
     def inspect(self, args: list[str]) -> str:
         """What ``tunelab data inspect ARGS`` prints; its error raised as

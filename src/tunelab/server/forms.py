@@ -39,7 +39,7 @@ SECTIONS = (
     ("Output", OutputSection),
 )
 DATA_FIELDS = ("path", "type", "data_template", "format_file")  # the data tab's own
-NOT_IN_FORM = {"datasets", "pretraining_dataset", "output_dir"}  # entries of their own
+NOT_IN_FORM = {"datasets", "pretraining_dataset", "output_dir"}  # no field of their own
 OTHER = "other_keys"  # any key the form has no field for, kept as YAML
 DATA_MORE = "ds.more"  # the first dataset's other keys
 DATA_REST = "ds.rest"  # datasets after the first
@@ -141,7 +141,7 @@ def data_fields(config: dict[str, Any]) -> dict[str, Any]:
 
 def other_keys(config: dict[str, Any]) -> str:
     """Keys of ``config`` the form has no field for (kept, never dropped)."""
-    known = set(TuneConfig.model_fields) - {"output_dir"}
+    known = set(TuneConfig.model_fields) - {"output_dir", "pretraining_dataset"}
     return _yaml({k: v for k, v in config.items() if k not in known})
 
 
@@ -194,6 +194,8 @@ def config_from_form(form: dict[str, str]) -> dict[str, Any]:
         if text and not (key == "type" and text == "auto"):
             first[key] = _parsed(f"datasets.0.{key}", DatasetSource.model_fields[key], text)
     rest = _yaml_field("more datasets", form.get(DATA_REST, ""), list)
+    if not all(isinstance(entry, dict) for entry in rest):
+        problems.append("more datasets: each entry must be a mapping, e.g. - path: more.json")
     if problems:
         raise ConfigError(problems)
     if first or rest:
@@ -201,12 +203,10 @@ def config_from_form(form: dict[str, str]) -> dict[str, Any]:
     return config
 
 
-def data_settings(form: dict[str, str]) -> list[str]:
-    """The data section's keys given in ``form``, as KEY=VALUE changes for a preview (the
-    sequence length, the validation share, what is trained, the chat template)."""
-    changes = []
-    for key in DataSection.model_fields:
-        text = (form.get(key) or "").strip()
-        if key not in NOT_IN_FORM and text:
-            changes.append(f"{key}={text}")
-    return changes
+def preview_config(config: dict[str, Any]) -> dict[str, Any]:
+    """What of ``config`` decides how its data is rendered and masked: the model's keys (its
+    tokenizer, special tokens) and the data section's, the datasets' included. Nothing a
+    preview would write (a prepared-data cache) or need from the rest (training)."""
+    keep = (set(ModelSection.model_fields) | set(DataSection.model_fields)) - {
+        "dataset_prepared_path"}  # fmt: skip
+    return {k: v for k, v in config.items() if k in keep}

@@ -82,7 +82,11 @@ class ModelProcesses:
             # started from the event loop's thread, which lives as long as the server: the
             # kernel's "stop with the parent" is told by the end of the thread that forked
             started = self._spawn(key)
-            await asyncio.to_thread(self._until_ready, started)
+            try:
+                await asyncio.to_thread(self._until_ready, started)
+            except BaseException:  # never left running unknown: not loaded, or not waited for
+                await asyncio.to_thread(started.stop)
+                raise
             self.running[key] = started
             return started
 

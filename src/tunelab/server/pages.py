@@ -4,6 +4,7 @@ They call the same store and the same REST API as any other client; nothing here
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from tunelab.errors import ConfigError, TunelabError
 from tunelab.jobs.lab import LabPaths
 from tunelab.jobs.states import FINAL
 from tunelab.jobs.store import Store
-from tunelab.jobs.submit import Submission, submit
+from tunelab.jobs.submit import Submission, retry, submit
 from tunelab.jobs.tasks import QUANTS
 from tunelab.jobs.templates import config_of_run, save_template
 from tunelab.jobs.views import checkpoint_rows, evaluation_rows, job_record, run_rows
@@ -66,6 +67,9 @@ def add_pages(app: FastAPI, ctx: PageContext) -> None:
         except HTTPException as exc:
             if exc.status_code != 401:
                 raise
+            if request.headers.get("HX-Request"):  # a part of a page: the whole page goes
+                raise HTTPException(401, "log in first", headers={"HX-Redirect": "/login"}) \
+                    from None  # fmt: skip
             raise HTTPException(303, "log in first", headers={"Location": "/login"}) from None
 
     page = [Depends(logged_in)]
@@ -84,7 +88,7 @@ def add_pages(app: FastAPI, ctx: PageContext) -> None:
         rows = run_rows(paths.runs)
         for row in rows:
             row["name"] = run_name(row["run"])
-        return [r for r in rows if r["name"] and r["name"] != "."]
+        return [r for r in rows if r["name"] and "/" not in r["name"] and r["name"] != "."]
 
     def run_folder(name: str) -> Path:
         folder = (paths.runs / name).resolve()
@@ -127,6 +131,16 @@ def add_pages(app: FastAPI, ctx: PageContext) -> None:
         return render(request, "job_status.html", status, job=job, final=FINAL,
                       run=run_name(job["run_dir"]))  # fmt: skip
 
+    @app.post("/jobs/{ref}/retry", response_class=HTMLResponse, include_in_schema=False,
+              dependencies=page)  # fmt: skip
+    def retry_page(request: Request, ref: str) -> Any:
+        try:
+            again = retry(store, store.job(ref))
+        except TunelabError as exc:
+            return render(request, "form_errors.html", problems=_problems(exc),
+                          heading="Not retried:")  # fmt: skip
+        return Response(status_code=204, headers={"HX-Redirect": f"/jobs/{again.id}"})
+
     # -- templates -----------------------------------------------------------------------
     @app.get("/templates", response_class=HTMLResponse, include_in_schema=False,
              dependencies=page)  # fmt: skip
@@ -152,8 +166,8 @@ def add_pages(app: FastAPI, ctx: PageContext) -> None:
             config.pop("output_dir", None)
         return form_page(request, "", config, editing=False)
 
-    @app.get("/templates/{name}", response_class=HTMLResponse, include_in_schema=False,
-             dependencies=page)  # fmt: skip
+    @app.get("/templates/{name}/edit", response_class=HTMLResponse, include_in_schema=False,
+              dependencies=page)  # fmt: skip
     def edit_template(request: Request, name: str) -> Any:
         row = store.template(name)
         return form_page(request, row.name, row.config, True, row.description or "")
@@ -165,22 +179,22 @@ def add_pages(app: FastAPI, ctx: PageContext) -> None:
         name = form.get("name", "").strip()
         try:
             config = forms.config_from_form(form)
-            for source in config.get("datasets") or []:  # an upload's name: its whole path
-                uploaded = paths.datasets / str(source.get("path", ""))
-                if "/" not in str(source.get("path", "/")) and uploaded.is_file():
-                    source["path"] = str(uploaded)
+            _uploaded_paths(config, paths)
             row = await _threaded(
                 save_template, paths, store, name, config, ctx.check,
                 form.get("description") or None, form.get("editing") == "1",
             )  # fmt: skip
-            if form.get("queue") == "1":
-                sub = Submission(None, template=row.name)
-                queued = await _threaded(submit, paths, store, sub, ctx.check)
-                target = f"/jobs/{queued.jobs[0].id}"
-            else:
-                target = f"/templates?saved={row.name}"
         except TunelabError as exc:
             return render(request, "form_errors.html", problems=_problems(exc))
+        target = f"/templates?saved={row.name}"
+        if form.get("queue") == "1":
+            try:
+                sub = Submission(None, template=row.name)
+                queued = await _threaded(submit, paths, store, sub, ctx.check)
+            except TunelabError as exc:  # kept: saving again replaces it
+                return render(request, "form_errors.html", problems=_problems(exc), saved=True,
+                              heading=f"{row.name} was saved, but not queued:")  # fmt: skip
+            target = f"/jobs/{queued.jobs[0].id}"
         return Response(status_code=204, headers={"HX-Redirect": target})
 
     @app.post("/templates/{name}/queue", response_class=HTMLResponse, include_in_schema=False,
@@ -194,26 +208,25 @@ def add_pages(app: FastAPI, ctx: PageContext) -> None:
                           heading=f"{name} was not queued:")  # fmt: skip
         return Response(status_code=204, headers={"HX-Redirect": f"/jobs/{queued.jobs[0].id}"})
 
+    preview_turn = asyncio.Lock()  # previews wait here, not in threads, so that one whose
+    # page has already asked for a newer one is dropped instead of run
+
     @app.get("/preview", response_class=HTMLResponse, include_in_schema=False,
              dependencies=page)  # fmt: skip
     async def preview(request: Request) -> Any:
-        query = request.query_params
-        source = (query.get("ds.path") or "").strip()
-        base_model = (query.get("base_model") or "").strip() or None
-        if not source:
+        form = dict(request.query_params)
+        if not (form.get("ds.path") or "").strip():
             return render(request, "preview.html", message="Choose a dataset to see a preview.")
         try:
-            path = _data_path(source, paths, ctx.allowed)
-            if base_model and outside({"base_model": base_model}, ctx.allowed):
-                raise ConfigError(outside({"base_model": base_model}, ctx.allowed))
-            fmt = query.get("ds.type") or None
-            format_file = (query.get("ds.format_file") or "").strip() or None
-            if format_file:
-                format_file = str(_data_path(format_file, paths, ctx.allowed, "ds.format_file"))
-            report = await _threaded(ctx.preview, path, base_model,
-                                     None if fmt == "auto" else fmt,
-                                     query.get("ds.data_template") or None, 3, format_file,
-                                     forms.data_settings(dict(query)))  # fmt: skip
+            config = forms.preview_config(forms.config_from_form(form))
+            _uploaded_paths(config, paths)
+            problems = outside(config, ctx.allowed)
+            if problems:
+                raise ConfigError(problems)
+            async with preview_turn:
+                if await request.is_disconnected():
+                    return Response(status_code=204)
+                report = await _threaded(ctx.preview, config, 3)
         except TunelabError as exc:
             return render(request, "preview.html", problems=_problems(exc))
         return render(request, "preview.html", report=report)
@@ -256,7 +269,9 @@ def add_pages(app: FastAPI, ctx: PageContext) -> None:
             modelfile = Path(task["run_dir"]) / "Modelfile"
             task["modelfile"] = modelfile.read_text(encoding="utf-8") \
                 if task["state"] == "completed" and modelfile.is_file() else None  # fmt: skip
-        record = next((r for r in lab_runs() if r["name"] == name), {"name": name})
+        record = next((r for r in lab_runs() if r["name"] == name), None)
+        if record is None:
+            raise HTTPException(404, f"{name} is not a run (it has no status.json)")
         return render(
             request, "run.html", run=record, checkpoints=checkpoint_rows(folder),
             evaluations=evaluation_rows(folder), tasks=tasks, quants=QUANTS,
@@ -295,6 +310,14 @@ async def _threaded(fn: Callable[..., Any], *args: Any) -> Any:
     from fastapi.concurrency import run_in_threadpool
 
     return await run_in_threadpool(fn, *args)
+
+
+def _uploaded_paths(config: dict[str, Any], paths: LabPaths) -> None:
+    """A dataset named by an upload's name gets the upload's whole path."""
+    for source in config.get("datasets") or []:
+        name = str(source.get("path", "/"))
+        if "/" not in name and (paths.datasets / name).is_file():
+            source["path"] = str(paths.datasets / name)
 
 
 def _data_path(source: str, paths: LabPaths, allowed: list[Path], key: str = "ds.path") -> Path:

@@ -18,9 +18,13 @@ FILE_KEYS = ("base_model", "lora_model_dir", "dataset_prepared_path", "tokenizer
 ENTRY_KEYS = ("path", "format_file", "data_files")
 
 
-def _local(value: str) -> bool:
+TEMPLATE_KEYS = ("chat_template", "chat_template_jinja")  # a file's name or template text
+
+
+def _local(key: str, value: str) -> bool:
     """A path on this machine, as opposed to a hub id, a built-in name or template text."""
-    if "\n" in value or "{" in value:  # template text, not a file name
+    text = "\n" in value or "{{" in value or "{%" in value
+    if key in TEMPLATE_KEYS and text:  # the template itself, not a file name
         return False
     return value.startswith(("/", ".", "~")) or Path(value).expanduser().exists()
 
@@ -54,7 +58,7 @@ def outside(config: dict[str, Any], allowed: list[Path]) -> list[str]:
             continue
         if database == "sqlite":
             value = str(sqlite_file(value))
-        elif not _local(value):
+        elif not _local(key, value):
             continue
         real = Path(value).expanduser().resolve()
         if not any(real == r or real.is_relative_to(r) for r in roots):

@@ -50,6 +50,27 @@ function setupForm() {
   });
 }
 
+// A request of a button or form that the server refused: its reason, at the top of the page
+// (htmx swaps nothing for an error answer).
+function setupFlash() {
+  document.body.addEventListener("htmx:responseError", (event) => {
+    const flash = document.getElementById("flash");
+    if (!flash) return;
+    let text = `The server answered ${event.detail.xhr.status}.`;
+    try {
+      const body = JSON.parse(event.detail.xhr.responseText);
+      if (typeof body.detail === "string") text = body.detail + (body.hint ? ` (${body.hint})` : "");
+      else if (Array.isArray(body.detail)) text = body.detail.map((p) => (p.path ? `${p.path}: ` : "") + (p.message || p.msg)).join("; ");
+    } catch (err) { /* not JSON: keep the status */ }
+    flash.textContent = text;
+    flash.hidden = false;
+  });
+  document.body.addEventListener("htmx:beforeRequest", () => {
+    const flash = document.getElementById("flash");
+    if (flash) flash.hidden = true;
+  });
+}
+
 // -- charts -----------------------------------------------------------------------------
 function chartWidth(el) {
   return Math.max(320, el.clientWidth || 800);
@@ -103,14 +124,22 @@ function followJob() {
   const logEl = document.getElementById("log");
   if (logEl) {
     const lines = [];
+    let received = 0;
+    let drawing = false;
     const logs = new EventSource(logEl.dataset.logs);
     logs.addEventListener("log", (event) => {
       lines.push(JSON.parse(event.data));
+      received += 1;
       if (lines.length > 3000) lines.splice(0, lines.length - 3000);
-      const atEnd = logEl.scrollTop + logEl.clientHeight >= logEl.scrollHeight - 20;
-      logEl.textContent = lines.join("\n");
-      logEl.dataset.lines = String(lines.length);
-      if (atEnd) logEl.scrollTop = logEl.scrollHeight;
+      if (drawing) return;  // one redraw a frame, however many lines arrived
+      drawing = true;
+      requestAnimationFrame(() => {
+        drawing = false;
+        const atEnd = logEl.scrollTop + logEl.clientHeight >= logEl.scrollHeight - 20;
+        logEl.textContent = lines.join("\n");
+        logEl.dataset.lines = String(received);
+        if (atEnd) logEl.scrollTop = logEl.scrollHeight;
+      });
     });
     logs.addEventListener("end", () => { logs.close(); logEl.dataset.ended = "1"; });
   }
@@ -175,7 +204,7 @@ function setupChat() {
   const compare = document.getElementById("chat-compare");
   const message = document.getElementById("chat-message");
   const errorEl = document.getElementById("chat-error");
-  let history = [];
+  let history = { tuned: [], base: [] };  // each column's own conversation
 
   async function loadCheckpoints() {
     checkpoint.innerHTML = '<option value="">final</option>';
@@ -186,11 +215,14 @@ function setupChat() {
     const names = rows.length ? ["best", "last"].concat(rows.map((r) => String(r.step))) : [];
     for (const name of names) checkpoint.add(new Option(name === "best" || name === "last" ? name : `step ${name}`, name));
   }
-  run.addEventListener("change", () => { history = []; clear(); loadCheckpoints(); });
+  run.addEventListener("change", () => { history = { tuned: [], base: [] }; clear(); loadCheckpoints(); });
   compare.addEventListener("change", () => {
     document.getElementById("base-column").hidden = !compare.checked;
   });
-  document.getElementById("chat-clear").addEventListener("click", () => { history = []; clear(); });
+  document.getElementById("chat-clear").addEventListener("click", () => {
+    history = { tuned: [], base: [] };
+    clear();
+  });
   message.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); form.requestSubmit(); }
   });
@@ -257,17 +289,22 @@ function setupChat() {
     errorEl.hidden = true;
     message.value = "";
     const system = document.getElementById("chat-system").value.trim();
-    history.push({ role: "user", content: text });
-    const messages = (system ? [{ role: "system", content: system }] : []).concat(history);
-    bubble("chat-tuned", "user", text);
-    if (compare.checked) bubble("chat-base", "user", text);
+    const columns = compare.checked ? ["tuned", "base"] : ["tuned"];
     const button = form.querySelector("button[type=submit]");
     button.disabled = true;
     try {
-      const tuned = bubble("chat-tuned", "assistant streaming", "");
-      const reply = await stream(messages, "tuned", tuned);
-      history.push({ role: "assistant", content: reply });
-      if (compare.checked) await stream(messages, "base", bubble("chat-base", "assistant streaming", ""));
+      for (const which of columns) {
+        const turn = history[which].concat([{ role: "user", content: text }]);
+        const messages = (system ? [{ role: "system", content: system }] : []).concat(turn);
+        bubble(`chat-${which}`, "user", text);
+        const target = bubble(`chat-${which}`, "assistant streaming", "");
+        try {
+          const reply = await stream(messages, which, target);
+          history[which] = turn.concat([{ role: "assistant", content: reply }]);
+        } finally {
+          target.classList.remove("streaming");
+        }
+      }
     } catch (err) {
       errorEl.textContent = String(err.message || err);
       errorEl.hidden = false;
@@ -278,6 +315,7 @@ function setupChat() {
 }
 
 onReady(() => {
+  setupFlash();
   setupForm();
   followJob();
   drawOverlay();
