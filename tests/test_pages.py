@@ -291,7 +291,8 @@ def test_a_failed_job_s_page_shows_the_error_and_its_hint(idle_site, page, tmp_p
     page.get_by_role("button", name="Retry").wait_for()
 
 
-def test_editing_a_template_in_the_form_keeps_what_the_form_does_not_change(idle_site, page):
+def test_editing_a_template_in_the_form_keeps_what_the_form_does_not_change(idle_site, page,
+                                                                          tmp_path):  # fmt: skip
     config = {**idle_site.config, "lora_target_modules": ["q_proj", "v_proj"],
               "learning_rate": 1e-5, "bf16": False, "gradient_accumulation_steps": 2}  # fmt: skip
     config["datasets"] = [{**config["datasets"][0], "type": "alpaca", "field": None}]
@@ -301,6 +302,7 @@ def test_editing_a_template_in_the_form_keeps_what_the_form_does_not_change(idle
     assert made.status_code == 201, made.text
     before = made.json()["config"]
     page.goto(f"{idle_site.url}/templates")
+    shot(page, "templates", tmp_path)
     page.get_by_role("link", name="kept").click()
     assert page.locator("[name=lora_target_modules]").input_value() == "[q_proj, v_proj]"
     fill(page, "lora_r", "8")

@@ -119,6 +119,7 @@ def test_close_and_idle_leave_no_process(data_file, tiny_model_dir, tmp_path):
         previewer.preview(data_file, str(tiny_model_dir), None, QA, 1)
         idle = previewer.pid
         assert _until(lambda: previewer.pid is None) and not alive(idle, None)
+        previewer.idle = 600.0  # from now on only close() may stop it, however slow we are
         previewer.preview(data_file, str(tiny_model_dir), None, QA, 1)  # started again
         closed = previewer.pid
         assert closed not in (None, idle)
