@@ -353,33 +353,6 @@ def test_perplexity_on_instruction_data_scores_the_answers(trained, session, tmp
 # --- GGUF export ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def smol_tiny_run(tmp_path_factory):
-    """A LoRA run on a tiny random Llama that uses SmolLM2's real tokenizer (one that
-    llama.cpp's converter knows), read from the built-in model's GGUF file."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from tunelab.model.loading import builtin_gguf, converted_path, is_converted
-
-    tmp = tmp_path_factory.mktemp("smol-tiny")
-    gguf = builtin_gguf()
-    if is_converted(gguf):  # the built-in model's cache (quick), else its GGUF file (5 s)
-        tokenizer = AutoTokenizer.from_pretrained(converted_path(gguf))
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer.save_pretrained(tmp / "model")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, initializer_range=0.3,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp / "model")
-    data = write_json(tmp / "data.json", MEMORISE * 3)
-    return run(tmp / "model", data, tmp / "run", max_steps=40, learning_rate=3e-2)
-
-
 PROMPTS = ["What is the capital of France?", "Say hello.", "Name a colour."]
 
 

@@ -181,9 +181,12 @@ def test_build_a_template_queue_it_watch_it_train_and_chat_with_it(site, page, t
     assert base.inner_text() == expected["base"]["content"].strip()
 
 
-def test_the_run_page_evaluates_and_merges_as_jobs_with_a_download(trained, tmp_path, page):
+def test_the_run_page_evaluates_merges_and_exports_as_jobs_with_a_download(trained, smol_tiny_run,
+                                                                          tmp_path, page):  # fmt: skip
     lab = tmp_path / "lab"
     shutil.copytree(trained.run_dir, lab / "runs" / "memorised")
+    # a run whose tokenizer llama.cpp's converter knows (SmolLM2's), for the GGUF export
+    shutil.copytree(smol_tiny_run.run_dir, lab / "runs" / "smol")
     (tmp_path / "data").mkdir()
     data = write_json(tmp_path / "data" / "eval.json", MEMORISE)
     site = Server(lab, "--data-root", str(data.parent))
@@ -209,6 +212,17 @@ def test_the_run_page_evaluates_and_merges_as_jobs_with_a_download(trained, tmp_
         assert download.value.suggested_filename.endswith(".zip")
         page.goto(f"{site.url}/runs/memorised")
         shot(page, "run", tmp_path)
+        page.goto(f"{site.url}/runs/smol")
+        page.get_by_label("GGUF quantization").select_option("f16")
+        page.get_by_role("button", name="Export GGUF").click()
+        page.wait_for_url(re.compile(r"/jobs/\d+$"), timeout=60_000)
+        page.locator("#job-state", has_text="completed").wait_for(timeout=240_000)
+        with page.expect_download() as download:
+            page.get_by_role("link", name="Download").click()
+        assert download.value.suggested_filename.endswith(".gguf")
+        page.goto(f"{site.url}/runs/smol")
+        page.locator("summary", has_text="Modelfile").click()
+        assert "FROM " in page.locator("details pre").inner_text()  # Ollama's Modelfile
     finally:
         site.stop()
 
