@@ -8,7 +8,7 @@ LOCK := requirements/$(if $(GPU),gpu,cpu).txt
 INSTALL := $(PY) -m pip install --quiet --require-hashes --no-deps
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-.PHONY: setup demo test lint lock clean
+.PHONY: setup demo test lint lock clean bench bench-quick
 
 setup: $(VENV)/.installed
 
@@ -37,8 +37,8 @@ demo: setup
 	$(VENV)/bin/tunelab demo
 
 lint: setup
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 test: lint
 	$(PY) -m pytest --durations=15
@@ -67,6 +67,14 @@ lock: $(UV)
 
 $(UV):
 	$(PYTHON) -m pip install --quiet --target build/uv-$(UV_VERSION) uv==$(UV_VERSION)
+
+# the benchmark against TRL and plain transformers (benchmarks/README.md); tables in OUT
+OUT ?= benchmarks/results
+bench: setup
+	$(PY) benchmarks/run.py --out $(OUT)
+
+bench-quick: setup
+	$(PY) benchmarks/run.py --quick --out $(OUT)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
