@@ -60,16 +60,8 @@ def run_trl(spec: dict[str, Any]) -> int:
         ]
     )
     args = SFTConfig(
-        output_dir=spec["run_dir"],
+        **same_work(spec),
         max_length=spec["sequence_len"],
-        per_device_train_batch_size=spec["micro_batch_size"],
-        gradient_accumulation_steps=spec["gradient_accumulation_steps"],
-        num_train_epochs=1,
-        learning_rate=spec["learning_rate"],
-        logging_steps=1,
-        seed=spec["seed"],
-        save_strategy="no",
-        report_to="none",
         # TRL's default bf16=True stops on a CPU with "You need to assign use_cpu if you want
         # to train the model on CPU": done as it says, which keeps TRL's bf16 default
         use_cpu=not torch.cuda.is_available(),
@@ -79,6 +71,22 @@ def run_trl(spec: dict[str, Any]) -> int:
     )
     trainer.train()
     return 0
+
+
+def same_work(spec: dict[str, Any]) -> dict[str, Any]:
+    """The training arguments every contender gets alike: batch, one epoch, learning rate,
+    seed; a log line per step; no checkpoints, no reporting."""
+    return {
+        "output_dir": spec["run_dir"],
+        "per_device_train_batch_size": spec["micro_batch_size"],
+        "gradient_accumulation_steps": spec["gradient_accumulation_steps"],
+        "num_train_epochs": 1,
+        "learning_rate": spec["learning_rate"],
+        "logging_steps": 1,
+        "seed": spec["seed"],
+        "save_strategy": "no",
+        "report_to": "none",
+    }
 
 
 def run_plain(spec: dict[str, Any]) -> int:
@@ -114,17 +122,7 @@ def run_plain(spec: dict[str, Any]) -> int:
     )
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
     model = get_peft_model(model, lora_config(spec))
-    args = TrainingArguments(
-        output_dir=spec["run_dir"],
-        per_device_train_batch_size=spec["micro_batch_size"],
-        gradient_accumulation_steps=spec["gradient_accumulation_steps"],
-        num_train_epochs=1,
-        learning_rate=spec["learning_rate"],
-        logging_steps=1,
-        seed=spec["seed"],
-        save_strategy="no",
-        report_to="none",
-    )
+    args = TrainingArguments(**same_work(spec))
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
     Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator).train()
     return 0

@@ -181,6 +181,16 @@ def test_build_a_template_queue_it_watch_it_train_and_chat_with_it(site, page, t
     assert base.inner_text() == expected["base"]["content"].strip()
 
 
+def finished_download(page) -> str:
+    """On the job page a run page's button led to: wait for the job to complete, download
+    its result; the file's name."""
+    page.wait_for_url(re.compile(r"/jobs/\d+$"), timeout=60_000)
+    page.locator("#job-state", has_text="completed").wait_for(timeout=240_000)
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Download").click()
+    return download.value.suggested_filename
+
+
 def test_the_run_page_evaluates_merges_and_exports_as_jobs_with_a_download(trained, smol_tiny_run,
                                                                           tmp_path, page):  # fmt: skip
     lab = tmp_path / "lab"
@@ -205,21 +215,13 @@ def test_the_run_page_evaluates_merges_and_exports_as_jobs_with_a_download(train
         page.goto(f"{site.url}/runs/memorised")
         assert page.locator("table.evals td", has_text="from the page").count() == 1
         page.get_by_role("button", name="Merge into a full model").click()
-        page.wait_for_url(re.compile(r"/jobs/\d+$"), timeout=60_000)
-        page.locator("#job-state", has_text="completed").wait_for(timeout=240_000)
-        with page.expect_download() as download:
-            page.get_by_role("link", name="Download").click()
-        assert download.value.suggested_filename.endswith(".zip")
+        assert finished_download(page).endswith(".zip")
         page.goto(f"{site.url}/runs/memorised")
         shot(page, "run", tmp_path)
         page.goto(f"{site.url}/runs/smol")
         page.get_by_label("GGUF quantization").select_option("f16")
         page.get_by_role("button", name="Export GGUF").click()
-        page.wait_for_url(re.compile(r"/jobs/\d+$"), timeout=60_000)
-        page.locator("#job-state", has_text="completed").wait_for(timeout=240_000)
-        with page.expect_download() as download:
-            page.get_by_role("link", name="Download").click()
-        assert download.value.suggested_filename.endswith(".gguf")
+        assert finished_download(page).endswith(".gguf")
         page.goto(f"{site.url}/runs/smol")
         page.locator("summary", has_text="Modelfile").click()
         assert "FROM " in page.locator("details pre").inner_text()  # Ollama's Modelfile
