@@ -114,12 +114,15 @@ def test_the_process_outlives_the_thread_that_started_it(data_file, tiny_model_d
 
 
 def test_close_and_idle_leave_no_process(data_file, tiny_model_dir, tmp_path):
-    previewer = Previewer(tmp_path / "preview.log", idle=1.0)
+    previewer = Previewer(tmp_path / "preview.log", idle=600.0)
     try:
         previewer.preview(data_file, str(tiny_model_dir), None, QA, 1)
-        idle = previewer.pid
-        assert _until(lambda: previewer.pid is None) and not alive(idle, None)
-        previewer.idle = 600.0  # from now on only close() may stop it, however slow we are
+        idle = previewer.pid  # read while no idle stop can come, however slow this machine
+        assert idle is not None
+        previewer.idle = 1.0  # the next answer's end starts a short idle wait
+        previewer.preview(data_file, str(tiny_model_dir), None, QA, 1)
+        assert _until(lambda: previewer.pid is None and not alive(idle, None))  # stopped
+        previewer.idle = 600.0  # from now on only close() may stop it
         previewer.preview(data_file, str(tiny_model_dir), None, QA, 1)  # started again
         closed = previewer.pid
         assert closed not in (None, idle)
