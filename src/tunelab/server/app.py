@@ -50,10 +50,11 @@ from tunelab.jobs.views import (
 )
 from tunelab.rundir import RunLayout, read_metrics, whole_lines
 from tunelab.server import datasets
-from tunelab.server.checks import validate_in_subprocess
+from tunelab.server.checks import problem_row, validate_in_subprocess
 from tunelab.server.models import ModelProcess, ModelProcesses
 from tunelab.server.pages import PageContext, add_pages
 from tunelab.server.paths import outside
+from tunelab.server.paths import run_folder as run_folder_in
 
 POLL = 0.5  # seconds between looks at a log or metrics file that is still growing
 
@@ -105,12 +106,6 @@ class JobIn(BaseModel):
     max_attempts: int = 3
 
 
-def _problem(text: str) -> dict[str, str]:
-    path, sep, message = text.partition(": ")
-    dotted = sep and " " not in path
-    return {"path": path if dotted else "", "message": message if dotted else text}
-
-
 LOGIN_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>tunelab: log in</title></head>
 <body><main><h1>tunelab</h1><form method="post" action="/login">
@@ -157,7 +152,7 @@ def create_app(
     @app.exception_handler(TunelabError)
     async def _tunelab_error(request: Request, exc: TunelabError) -> JSONResponse:
         if isinstance(exc, ConfigError):
-            return JSONResponse({"detail": [_problem(p) for p in exc.problems]}, 422)
+            return JSONResponse({"detail": [problem_row(p) for p in exc.problems]}, 422)
         status = 404 if isinstance(exc, NotFound) else 409
         return JSONResponse({"detail": exc.message, "hint": exc.hint}, status)
 
@@ -352,10 +347,7 @@ def create_app(
         return run_rows(paths.runs)
 
     def run_folder(name: str) -> Path:
-        folder = (paths.runs / name).resolve()
-        if folder.parent != paths.runs.resolve() or not folder.is_dir():
-            raise HTTPException(404, f"no run {name} in this lab")
-        return folder
+        return run_folder_in(paths.runs, name)
 
     @app.get("/api/runs/{name}/checkpoints", dependencies=api)
     def checkpoints(name: str) -> list[dict[str, Any]]:

@@ -47,3 +47,10 @@ def validate_in_subprocess(loaded: LoadedConfig) -> None:
         config = Path(tmp) / "config.yaml"
         config.write_text(yaml.safe_dump(given_config(loaded), sort_keys=False), encoding="utf-8")
         run_tunelab(["validate", str(config)])
+
+
+def problem_row(text: str) -> dict[str, str]:
+    """One problem the CLI prints (``path: message``) as data: its dotted path apart."""
+    path, sep, message = text.partition(": ")
+    dotted = sep and " " not in path
+    return {"path": path if dotted else "", "message": message if dotted else text}

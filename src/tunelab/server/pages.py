@@ -27,7 +27,9 @@ from tunelab.jobs.templates import config_of_run, save_template
 from tunelab.jobs.views import checkpoint_rows, evaluation_rows, job_record, run_rows
 from tunelab.rundir import RunLayout, read_metrics
 from tunelab.server import datasets, forms
+from tunelab.server.checks import problem_row
 from tunelab.server.paths import outside
+from tunelab.server.paths import run_folder as run_folder_in
 
 HERE = Path(__file__).parent
 STOP_POLLING = 286  # htmx stops polling an element answered with this status
@@ -47,12 +49,7 @@ class PageContext:
 
 def _problems(exc: TunelabError) -> list[dict[str, str]]:
     if isinstance(exc, ConfigError):
-        rows = []
-        for text in exc.problems:
-            path, sep, message = text.partition(": ")
-            dotted = sep and " " not in path
-            rows.append({"path": path if dotted else "", "message": message if dotted else text})
-        return rows
+        return [problem_row(text) for text in exc.problems]
     return [{"path": "", "message": exc.message + (f" ({exc.hint})" if exc.hint else "")}]
 
 
@@ -91,10 +88,7 @@ def add_pages(app: FastAPI, ctx: PageContext) -> None:
         return [r for r in rows if r["name"] and "/" not in r["name"] and r["name"] != "."]
 
     def run_folder(name: str) -> Path:
-        folder = (paths.runs / name).resolve()
-        if folder.parent != paths.runs.resolve() or not folder.is_dir():
-            raise HTTPException(404, f"no run {name} in this lab")
-        return folder
+        return run_folder_in(paths.runs, name)
 
     @app.get("/", include_in_schema=False, dependencies=page)
     def home() -> Any:

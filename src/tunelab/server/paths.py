@@ -67,3 +67,13 @@ def outside(config: dict[str, Any], allowed: list[Path]) -> list[str]:
                 "this server was given (tunelab serve --data-root DIR)"
             )
     return problems
+
+
+def run_folder(runs: Path, name: str) -> Path:
+    """The run ``name`` of the lab's ``runs`` folder; 404 for anything else (``..`` too)."""
+    from fastapi import HTTPException
+
+    folder = (runs / name).resolve()
+    if folder.parent != runs.resolve() or not folder.is_dir():
+        raise HTTPException(404, f"no run {name} in this lab")
+    return folder
