@@ -25,7 +25,7 @@ from tunelab.jobs.submit import Submission, retry, submit
 from tunelab.jobs.tasks import QUANTS
 from tunelab.jobs.templates import config_of_run, save_template
 from tunelab.jobs.views import checkpoint_rows, evaluation_rows, job_record, run_rows
-from tunelab.rundir import RunLayout, read_metrics
+from tunelab.rundir import RunLayout, describe_run, read_metrics
 from tunelab.server import datasets, forms
 from tunelab.server.checks import problem_row
 from tunelab.server.paths import outside
@@ -263,9 +263,9 @@ def add_pages(app: FastAPI, ctx: PageContext) -> None:
             modelfile = Path(task["run_dir"]) / "Modelfile"
             task["modelfile"] = modelfile.read_text(encoding="utf-8") \
                 if task["state"] == "completed" and modelfile.is_file() else None  # fmt: skip
-        record = next((r for r in lab_runs() if r["name"] == name), None)
-        if record is None:
+        if not layout.status.is_file():
             raise HTTPException(404, f"{name} is not a run (it has no status.json)")
+        record = {**describe_run(folder), "name": name}  # this run's record, no other's read
         return render(
             request, "run.html", run=record, checkpoints=checkpoint_rows(folder),
             evaluations=evaluation_rows(folder), tasks=tasks, quants=QUANTS,
