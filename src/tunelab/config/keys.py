@@ -24,6 +24,7 @@ ALIASES: dict[str, str] = {
     "model_name_or_path": "base_model",
     "bfloat16": "bf16",
     "float16": "fp16",
+    "dataset_num_proc": "dataset_processes",  # axolotl's newer name
 }
 
 _DISTRIBUTED = "multi-GPU training is not supported yet; the run uses one device"
@@ -70,8 +71,8 @@ IGNORED: dict[str, str] = {
         do_causal_lm_eval eval_causal_lm_metrics do_bench_eval bench_dataset bench_split
         wandb_watch wandb_log_model hf_mlflow_log_artifacts use_wandb use_mlflow
         use_tensorboard include_tokens_per_second include_tkps profiler_steps
-        profiler_steps_start remove_unused_columns skip_prepare_dataset dataset_processes
-        dataset_num_proc dataset_keep_in_memory push_dataset_to_hub num_dataset_shards_to_save
+        profiler_steps_start remove_unused_columns skip_prepare_dataset
+        dataset_keep_in_memory push_dataset_to_hub num_dataset_shards_to_save
         is_preprocess preprocess_iterable axolotl_config_path save_safetensors save_only_model
         save_first_step save_strategy hub_strategy hub_revision tokenizer_save_jinja_files
         gradio_title gradio_share gradio_server_name gradio_server_port gradio_max_new_tokens

@@ -362,6 +362,11 @@ class DataSection(_Strict):
     excess_length_strategy: Literal["truncate", "drop"] = Field(
         "truncate", description="What to do with samples longer than sequence_len."
     )
+    dataset_processes: int | None = Field(
+        None, ge=1,
+        description="Processes that tokenize the data; default: one per CPU for large "
+        "datasets. The result is the same for any number.",
+    )  # fmt: skip
 
     @field_validator("val_set_size")
     @classmethod

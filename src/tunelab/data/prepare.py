@@ -16,8 +16,8 @@ from typing import Any
 
 from tunelab.config.schema import DatasetSource, TuneConfig
 from tunelab.data import cache
-from tunelab.data.chunking import chunk_text
-from tunelab.data.documents import DOCUMENT_KINDS, Document, Tokens, tokenize_document
+from tunelab.data.documents import DOCUMENT_KINDS, Document
+from tunelab.data.encode import encode, tokenize_examples
 from tunelab.data.formats import (
     FORMATS,
     OPENAI,
@@ -39,15 +39,10 @@ from tunelab.data.prompt_styles import PROMPTED_FORMATS
 from tunelab.data.records import Example, LoadedData, PreparedData, RawText, SourceReport
 from tunelab.data.sources import Table, expand, reduce_preferences
 from tunelab.data.templates import DataTemplate, FormatFile, apply_chat_template
-from tunelab.data.tokenize import (
-    IGNORE_INDEX,
-    TemplateError,
-    end_of_turn_tokens,
-    sample_segments,
-    tokenize_segments,
-)
-from tunelab.data.vision import tokenize_vision
+from tunelab.data.tokenize import end_of_turn_tokens
 from tunelab.errors import DataError
+
+__all__ = ["load_examples", "prepare_data", "tokenize_all", "tokenize_examples"]
 
 
 def _columns(table: Table) -> set[str]:
@@ -326,93 +321,6 @@ def split_examples(examples: list[Example], val_set_size: float, seed: int) -> t
     )
 
 
-def _samples(ex: Example, tokenizer: Any, sequence_len: int, counts: Counter) -> list[Any]:
-    """The samples of one example: raw text cut into chunks, a document of type chunked_text
-    or pretrain tokenized (the tokens axolotl's length limit cuts off go to ``counts``)."""
-    if isinstance(ex.sample, Document):
-        try:
-            done = tokenize_document(ex.sample, tokenizer, sequence_len)
-        except DataError as exc:
-            raise DataError(f"{ex.source}: {ex.where}: {exc.message}", exc.hint) from None
-        if done.cut:
-            counts.update(truncated=1, truncated_tokens=done.cut)
-        return done.samples
-    if not isinstance(ex.sample, RawText):
-        return [ex.sample]
-    s = ex.sample.source
-    chunks = chunk_text(
-        ex.sample.text, tokenizer, s.cutoff_len or sequence_len, s.overlap_len,
-        s.newline_favor_len, s.hard_cut_string,
-    )  # fmt: skip
-    return [TextSample(((chunk, True),), eos=False) for chunk in chunks]
-
-
-def _vision_tokens(ex: Example, processor: Any, config: TuneConfig) -> tuple[list, list]:
-    if processor is None:
-        raise DataError(
-            f"{ex.source}: {ex.where}: image rows need a multimodal base model; "
-            f"'{config.base_model}' is text-only",
-            "choose a vision-language base model, or leave the image rows out",
-        )
-    try:
-        return tokenize_vision(ex.sample, processor, config.train_on_inputs)
-    except (TemplateError, ValueError, OSError) as exc:
-        raise DataError(f"{ex.source}: {ex.where}: {exc}", getattr(exc, "hint", None)) from None
-
-
-def tokenize_examples(
-    examples: list[Example], tokenizer: Any, config: TuneConfig, processor: Any = None
-) -> tuple[list[dict[str, Any]], Counter]:
-    """Token ids, attention mask and labels; samples past ``sequence_len`` cut or dropped,
-    and those shorter than ``min_sample_len`` dropped. The counts say how many (and why:
-    'dropped_long', 'dropped_short', 'dropped_untrained'), and how many tokens the cuts
-    threw away.
-
-    Image samples also keep their image paths and are dropped, never cut, when too long.
-    """
-    out, counts = [], Counter()
-    limit = config.sequence_len
-    eot_tokens = None
-    if any(ex.rules is not None for ex in examples):
-        eot_tokens, _ = end_of_turn_tokens(tokenizer, config.eot_tokens)
-    for ex in examples:
-        for sample in _samples(ex, tokenizer, limit, counts):
-            images = list(sample.images) if isinstance(sample, VisionSample) else None
-            if images is not None:
-                ids, labels = _vision_tokens(ex, processor, config)
-            elif isinstance(sample, Tokens):  # chunked_text and pretrain: as axolotl made them
-                ids, labels = list(sample.input_ids), list(sample.labels)
-            else:
-                try:
-                    segments = sample_segments(
-                        sample, tokenizer, config.train_on_inputs, ex.rules, eot_tokens
-                    )
-                except TemplateError as exc:
-                    raise DataError(f"{ex.source}: {ex.where}: {exc}", exc.hint) from None
-                ids, labels = tokenize_segments(segments, tokenizer)
-            if len(ids) > limit:
-                if config.excess_length_strategy == "drop" or images is not None:
-                    counts.update(dropped=1, dropped_long=1)
-                    continue
-                counts["truncated"] += 1
-                counts["truncated_tokens"] += len(ids) - limit
-                counts["truncated_over_half"] += len(ids) > 2 * limit  # lost most of itself
-                ids, labels = ids[:limit], labels[:limit]
-            if all(label == IGNORE_INDEX for label in labels[1:]):
-                counts.update(dropped=1, dropped_untrained=1)  # nothing left to learn from
-                continue
-            if config.min_sample_len and len(ids) < config.min_sample_len:
-                counts.update(dropped=1, dropped_short=1)
-                continue
-            counts["tokens"] += len(ids)
-            counts["trained_tokens"] += sum(label != IGNORE_INDEX for label in labels[1:])
-            item = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-            out.append(item if images is None else {**item, "images": images})
-    if any("images" in item for item in out):  # one set of columns for every sample
-        out = [item if "images" in item else {**item, "images": []} for item in out]
-    return out, counts
-
-
 def prepare_data(
     config: TuneConfig, tokenizer: Any, loaded: LoadedData | None = None, processor: Any = None
 ) -> PreparedData:
@@ -440,9 +348,9 @@ def prepare_data(
             f"reused the prepared dataset in {root / key}",
         ]
         return data
-    data = tokenize_all(config, tokenizer, loaded, processor)
-    where = cache.save(root, key, data)
-    data.notes.append(f"saved the prepared dataset in {where}")
+    data = cache.build(root, key, lambda folder: tokenize_all(config, tokenizer, loaded,
+                                                              processor, folder))  # fmt: skip
+    data.notes.append(f"saved the prepared dataset in {root / key}")
     return data
 
 
@@ -467,31 +375,41 @@ def _check_end_rules(config: TuneConfig, tokenizer: Any) -> None:
 
 
 def tokenize_all(
-    config: TuneConfig, tokenizer: Any, loaded: LoadedData, processor: Any = None
-) -> PreparedData:
-    """Split and tokenize checked examples; the statistics describe the result."""
+    config: TuneConfig, tokenizer: Any, loaded: LoadedData, processor: Any = None,
+    folder: Path | None = None,
+) -> PreparedData:  # fmt: skip
+    """Split and tokenize checked examples; the statistics describe the result. With
+    ``folder`` (a prepared-data entry being built) the splits are written there as they
+    are made, and read back memory-mapped, unless pretraining text or packing changes them
+    afterwards (then :func:`cache.build` writes them)."""
     train_ex, val_ex = split_examples(loaded.examples, config.val_set_size, config.seed)
-    train, train_counts = tokenize_examples(train_ex, tokenizer, config, processor)
-    val, val_counts = tokenize_examples(val_ex, tokenizer, config, processor)
+    direct = folder is not None and not (config.pretraining_dataset or config.sample_packing)
+    files = [cache.split_file(folder if direct else None, name) for name in ("train", "eval")]
+    train, train_counts = encode(train_ex, tokenizer, config, processor, files[0])
+    val, val_counts = encode(val_ex, tokenizer, config, processor, files[1])
     sources = list(loaded.sources)
     if config.pretraining_dataset:
-        sources += _read_pretraining(config, tokenizer, loaded, train, train_counts)
-    if not train:
+        read, more = _read_pretraining(config, tokenizer, loaded, train_counts)
+        sources += more
+        train = train.extended(read)
+    if not len(train):
         raise _nothing_left(config, len(train_ex), train_counts)
     counts = train_counts + val_counts
-    lengths = sorted(len(x["input_ids"]) for x in train)
+    lengths = train.lengths()
+    lengths.sort()
     n_train, n_val = len(train), len(val)
     packing = {}
-    if config.sample_packing and train and "images" in train[0]:
+    if config.sample_packing and "images" in train.columns:
         raise DataError(
             "sample_packing does not work with image samples", "set sample_packing: false"
         )
+    rows: tuple[Any, Any] = (train, val)
     if config.sample_packing:
-        train, val = pack(train, config.sequence_len), pack(val, config.sequence_len)
+        rows = pack(list(train), config.sequence_len), pack(list(val), config.sequence_len)
         packing = {
-            "packed_rows": len(train),
-            "packing_efficiency": round(efficiency(train, config.sequence_len), 4),
-            "samples_per_row": round(n_train / len(train), 2),
+            "packed_rows": len(rows[0]),
+            "packing_efficiency": round(efficiency(rows[0], config.sequence_len), 4),
+            "samples_per_row": round(n_train / len(rows[0]), 2),
         }
     stats = {
         "rows": sum(s.rows for s in sources),
@@ -505,10 +423,10 @@ def tokenize_all(
         "dropped": counts["dropped"],
         "train_tokens": train_counts["tokens"],
         "trained_tokens": train_counts["trained_tokens"],
-        "min_length": lengths[0],
-        "median_length": lengths[len(lengths) // 2],
-        "max_length": lengths[-1],
-        "mean_length": round(sum(lengths) / len(lengths), 1),
+        "min_length": int(lengths[0]),
+        "median_length": int(lengths[len(lengths) // 2]),
+        "max_length": int(lengths[-1]),
+        "mean_length": round(float(lengths.mean()), 1),
         **packing,
     }
     if config.pretraining_dataset:
@@ -516,7 +434,7 @@ def tokenize_all(
     if config.min_sample_len:
         stats["dropped_short"] = counts["dropped_short"]
     notes = [*loaded.notes, *truncation_notes(stats, config.sequence_len)]
-    return PreparedData(train, val, sources, stats, notes)
+    return PreparedData(rows[0], rows[1], sources, stats, notes)
 
 
 def _nothing_left(config: TuneConfig, n: int, counts: Counter) -> DataError:
@@ -542,17 +460,17 @@ def _nothing_left(config: TuneConfig, n: int, counts: Counter) -> DataError:
 
 
 def _read_pretraining(
-    config: TuneConfig, tokenizer: Any, loaded: LoadedData, train: list, counts: Counter
-) -> list[SourceReport]:
-    """Add ``pretraining_dataset``'s chunks to ``train`` (and their tokens to ``counts``);
-    the notes say how many rows were read. Returns the sources, with the rows read."""
+    config: TuneConfig, tokenizer: Any, loaded: LoadedData, counts: Counter
+) -> tuple[list[dict[str, list[int]]], list[SourceReport]]:
+    """``pretraining_dataset``'s chunks (their tokens added to ``counts``); the notes say
+    how many rows were read. Returns the chunks and the sources, with the rows read."""
     read = read_pretraining(config, tokenizer)
-    train += read.chunks
     _add_notes(loaded, read.notes)
     tokens = sum(len(chunk["input_ids"]) for chunk in read.chunks)
     counts.update(tokens=tokens, trained_tokens=tokens - len(read.chunks))
     counts["pretraining_chunks"] += len(read.chunks)
-    return [SourceReport(name, "pretraining", n, None) for name, n in read.rows.items()]
+    sources = [SourceReport(name, "pretraining", n, None) for name, n in read.rows.items()]
+    return read.chunks, sources
 
 
 def truncation_notes(stats: dict[str, Any], sequence_len: int) -> list[str]:

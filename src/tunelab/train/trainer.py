@@ -349,18 +349,26 @@ class PackedRowsCollator:
         return self.flatten(samples)
 
 
+def _dataset(rows: Any) -> Any:
+    """Prepared rows as the trainer's dataset: memory-mapped Arrow rows as they are."""
+    from datasets import Dataset
+
+    from tunelab.data.rows import Rows
+
+    return rows.dataset if isinstance(rows, Rows) else Dataset.from_list(rows)
+
+
 def build_trainer(
     model: Any, tokenizer: Any, args: Any, train: list, evaluation: list, callbacks: list,
     processor: Any = None, cycles: list[list[int]] | None = None, pad_to: int | None = None,
 ) -> Any:  # fmt: skip
     """A transformers Trainer whose only console output is tunelab's own callbacks.
     ``pad_to``: pad every batch of token rows to this length (pad_to_sequence_len)."""
-    from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, ProgressCallback, Trainer
 
     from tunelab.data.packing import is_packed
 
-    if train and "images" in train[0]:
+    if len(train) and "images" in train[0]:
         from tunelab.data.vision import VisionCollator
 
         collator: Any = VisionCollator(processor)
@@ -382,8 +390,8 @@ def build_trainer(
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(evaluation) if evaluation else None,
+        train_dataset=_dataset(train_rows),
+        eval_dataset=_dataset(evaluation) if len(evaluation) else None,
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
