@@ -49,7 +49,10 @@ def test_several_processes_prepare_exactly_what_one_does(tiny_tokenizer, tmp_pat
     assert len(first["input_ids"]) == len(first["labels"]) <= 48
 
 
-def test_a_worker_error_names_the_row(tiny_tokenizer, tmp_path, monkeypatch):
+def test_a_worker_error_names_the_row(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # its chat template is replaced
     monkeypatch.setattr(encode_module, "CHUNK", 5)
     rows = alpaca_rows(40)
     rows[33]["output"] = "FORBIDDEN"
@@ -61,7 +64,7 @@ def test_a_worker_error_names_the_row(tiny_tokenizer, tmp_path, monkeypatch):
     )
     settings = {"chat_template": "jinja", "chat_template_jinja": template, "val_set_size": 0}
     with pytest.raises(DataError) as err:
-        prepare_data(config(data, dataset_processes=2, **settings), tiny_tokenizer)
+        prepare_data(config(data, dataset_processes=2, **settings), tokenizer)
     assert f"{data}" in err.value.message and "row 34" in err.value.message
     assert "this word is not allowed" in err.value.message
 
@@ -86,3 +89,54 @@ def test_prepared_data_is_reused_memory_mapped_without_tokenizing(
     assert [f["filename"] for f in again.train.dataset.cache_files] == [
         str(entry / "train.arrow")
     ]  # read from the file, not loaded into memory
+
+
+PEAK_SCRIPT = """
+import resource, sys
+from transformers import AutoTokenizer
+from tunelab.config import load_config
+from tunelab.data.prepare import prepare_data
+
+data, model, prepared = sys.argv[1:4]
+tokenizer = AutoTokenizer.from_pretrained(model)
+config = load_config(overrides={
+    "datasets": [{"path": data, "type": "alpaca"}], "sequence_len": 512,
+    "dataset_prepared_path": prepared, "dataset_processes": 1,
+}).config
+result = prepare_data(config, tokenizer)
+print(len(result.train) + len(result.eval), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _peak_kib(data, tiny_model_dir, prepared) -> tuple[int, int]:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(data), str(tiny_model_dir), str(prepared)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    samples, peak = done.stdout.split()[-2:]
+    return int(samples), int(peak)
+
+
+def test_memory_does_not_grow_with_the_rows_of_a_jsonl_file(tiny_model_dir, tmp_path):
+    """Each row carries 8 KB that is read but never tokenized, so rows held in memory would
+    show at once: four times the rows (75 MB more data) must not cost a quarter of that."""
+    import json
+
+    filler = "x" * 8192
+    sizes = {}
+    for n in (3000, 12000):
+        path = tmp_path / f"rows{n}.jsonl"
+        with path.open("w", encoding="utf-8") as f:
+            for i, row in enumerate(alpaca_rows(n, seed=n)):
+                f.write(json.dumps({**row, "instruction": f"{i} {row['instruction']}",
+                                    "notes": filler}) + "\n")  # fmt: skip
+        samples, peak = _peak_kib(path, tiny_model_dir, tmp_path / "prepared")
+        assert samples == n
+        sizes[n] = (path.stat().st_size, peak)
+    added_data = sizes[12000][0] - sizes[3000][0]
+    added_peak = (sizes[12000][1] - sizes[3000][1]) * 1024
+    assert added_data > 70e6
+    assert added_peak < added_data / 4, (added_peak / 1e6, added_data / 1e6)

@@ -27,7 +27,7 @@ KNOWN_BINARY = {
 }
 
 
-def _whole_file_problem(raw: bytes) -> tuple[str, str] | None:
+def whole_file_problem(raw: bytes) -> tuple[str, str] | None:
     """What a file that is not UTF-8 text as a whole is, and the fix, told by its first bytes."""
     if raw.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # before UTF-16: FF FE 00 00
         return "the file is UTF-32 text, not UTF-8", SAVE_AS_UTF8
@@ -53,7 +53,7 @@ def _whole_file_problem(raw: bytes) -> tuple[str, str] | None:
 
 def _not_text(path: Path, raw: bytes, at: int) -> DataError:
     """Why bytes that are not UTF-8 text (bad at offset ``at``) cannot be read, and the fix."""
-    whole = _whole_file_problem(raw)
+    whole = whole_file_problem(raw)
     if whole:
         return DataError(f"{path}: {whole[0]}", whole[1])
     line = raw.count(b"\n", 0, at) + 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from tunelab.config.schema import TuneConfig
 from tunelab.data.chunking import chunk_text
 from tunelab.data.documents import Document, Tokens, tokenize_document
 from tunelab.data.formats import TextSample, VisionSample
-from tunelab.data.records import Example, RawText
+from tunelab.data.records import Example, RawText, kinds_of
 from tunelab.data.rows import Rows, RowWriter, to_table
 from tunelab.data.tokenize import (
     IGNORE_INDEX,
@@ -202,8 +202,8 @@ def _chunks(
 
 
 def encode(
-    examples: list[Example], tokenizer: Any, config: TuneConfig, processor: Any = None,
-    file: Path | None = None, progress: Callable[[int], None] | None = None,
+    examples: Sequence[Example], tokenizer: Any, config: TuneConfig, processor: Any = None,
+    file: Path | None = None, kinds: set[str] | None = None,
 ) -> tuple[Rows, Counter]:  # fmt: skip
     """Token ids, attention mask and labels of ``examples``, as :class:`Rows`.
 
@@ -213,12 +213,15 @@ def encode(
     samples keep their image paths and are dropped, never cut, when too long.
 
     With ``file`` the rows are written there chunk by chunk and read back memory-mapped;
-    otherwise they are kept as Arrow tables in memory.
+    otherwise they are kept as Arrow tables in memory. ``kinds``: what the examples need
+    (see :func:`tunelab.data.prepare.kinds_of`), when known without reading them all.
     """
+    if kinds is None:
+        kinds = {kind for ex in examples for kind in kinds_of(ex)}
     eot_tokens = None
-    if any(ex.rules is not None for ex in examples):
+    if "rules" in kinds:
         eot_tokens, _ = end_of_turn_tokens(tokenizer, config.eot_tokens)
-    images = any(isinstance(ex.sample, VisionSample) for ex in examples)
+    images = "vision" in kinds
     encoder = Encoder(tokenizer, config, processor, images, eot_tokens)
     n_proc = 1 if processor is not None else processes(config, len(examples))
     counts: Counter = Counter()
@@ -231,8 +234,6 @@ def encode(
                 writer.write(table)
             else:
                 tables.append(table)
-            if progress is not None:
-                progress(table.num_rows)
     finally:
         if writer is not None:
             writer.close()

@@ -6,10 +6,12 @@ row or line, and the key.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+from array import array
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,10 +35,18 @@ from tunelab.data.formats import (
     text_field,
     text_to_text,
 )
+from tunelab.data.lazy import Chain, Converted, Picked, is_lazy
 from tunelab.data.packing import efficiency, pack
 from tunelab.data.pretraining import check_sources, read_pretraining
 from tunelab.data.prompt_styles import PROMPTED_FORMATS
-from tunelab.data.records import Example, LoadedData, PreparedData, RawText, SourceReport
+from tunelab.data.records import (
+    Example,
+    LoadedData,
+    PreparedData,
+    RawText,
+    SourceReport,
+    kinds_of,
+)
 from tunelab.data.sources import Table, expand, reduce_preferences
 from tunelab.data.templates import DataTemplate, FormatFile, apply_chat_template
 from tunelab.data.tokenize import end_of_turn_tokens
@@ -219,20 +229,33 @@ def _with_images(sample: Any, folder: Path | None) -> Any:
     return replace(sample, images=tuple(paths))
 
 
-def _convert(table: Table, source: DatasetSource, system: str | None) -> tuple[str, list[Example]]:
+def _convert(
+    table: Table, source: DatasetSource, system: str | None
+) -> tuple[str, Sequence[Example], set[str]]:
+    """The format name, the examples and their kinds (see :func:`kinds_of`). Every row is
+    converted here; the examples of a table read lazily are converted again when read."""
     name, convert = _converter(source, table)
     rows = table.rows[: source.max_examples]
     if name == "raw" and table.text is not None:  # a whole .txt file is one document
-        return name, [Example(RawText(table.text, source), table.name, "the whole file")]
-    examples, failures, first = [], Counter(), {}
+        return name, [Example(RawText(table.text, source), table.name, "the whole file")], set()
     rules = turn_rules(source)
+
+    def example(row: Any) -> Example:
+        sample = _with_images(_with_system(convert(row.data), system), table.folder)
+        return Example(sample, table.name, row.where, rules)
+
+    lazy = is_lazy(rows)
+    examples, failures, first, kinds = [], Counter(), {}, set()
     for row in rows:
         try:
-            sample = _with_images(_with_system(convert(row.data), system), table.folder)
-            examples.append(Example(sample, table.name, row.where, rules))
+            ex = example(row)
         except RowError as exc:
             failures[str(exc)] += 1
             first.setdefault(str(exc), row.where)
+            continue
+        kinds |= kinds_of(ex)
+        if not lazy:
+            examples.append(ex)
     if failures:
         lines = [
             f"{count} row{'s' if count > 1 else ''}: {problem} (first at {first[problem]})"
@@ -243,7 +266,15 @@ def _convert(table: Table, source: DatasetSource, system: str | None) -> tuple[s
             f"cannot be read as {name}:\n  " + "\n  ".join(lines),
             "fix those rows, or set the dataset's type if the format was detected wrongly",
         )
-    return name, examples
+    return name, (Converted(rows, example) if lazy else examples), kinds
+
+
+def _pick(examples: Sequence[Example], indices: list[int]) -> Sequence[Example]:
+    """``examples`` at ``indices``: a list from a list, a view (row numbers only) from a
+    lazily read sequence."""
+    if is_lazy(examples):
+        return Picked(examples, array("q", indices))
+    return [examples[i] for i in indices]
 
 
 def _key(sample: Any) -> str:
@@ -264,42 +295,51 @@ def load_examples(config: TuneConfig, read_hub: bool = True) -> LoadedData:
     With ``read_hub=False`` hub datasets are skipped (nothing is downloaded).
     """
     notes: list[str] = []
-    examples: list[Example] = []
+    parts: list[Sequence[Example]] = []
     reports: list[SourceReport] = []
+    kinds: set[str] = set()
     for n, source in enumerate(config.datasets):
         tables = expand(
             source.path, source.split, notes, read_hub, source.name, source.data_files, source.query
         )
         for table in tables:
-            if not table.rows and not (table.text or "").strip():
+            if not len(table.rows) and not (table.text or "").strip():
                 raise DataError(f"{table.name}: the dataset is empty (no rows)", "add examples")
             reduce_preferences(table)
             if table.preference:
                 notes.append(f"{table.name}: preference pairs; training on the chosen answers")
-            name, converted = _convert(table, source, config.default_system_message)
-            images = any(isinstance(ex.sample, VisionSample) for ex in converted)
-            for note in ignored_keys(f"datasets.{n}", source, name, table, images):
+            name, converted, found = _convert(table, source, config.default_system_message)
+            kinds |= found
+            for note in ignored_keys(f"datasets.{n}", source, name, table, "vision" in found):
                 if note not in notes:
                     notes.append(note)
-            examples += converted
+            parts.append(converted)
             reports.append(SourceReport(table.name, name, len(table.rows), table.sha256))
+    examples: Sequence[Example]
+    if any(is_lazy(part) for part in parts):
+        examples = Chain(parts)
+    else:
+        examples = [ex for part in parts for ex in part]
     duplicates = 0
     if config.dataset_exact_deduplication:
-        seen: set[str] = set()
-        unique = []
-        for ex in examples:
+        seen: set[bytes] = set()
+        kept = []
+        for i, ex in enumerate(examples):
             key = _key(ex.sample) + repr(ex.rules)  # the same conversation masked otherwise
-            if key not in seen:
-                seen.add(key)
-                unique.append(ex)
-        duplicates, examples = len(examples) - len(unique), unique
+            digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
+            if digest not in seen:
+                seen.add(digest)
+                kept.append(i)
+        duplicates, examples = len(examples) - len(kept), _pick(examples, kept)
     if config.shuffle_merged_datasets:
-        random.Random(config.seed).shuffle(examples)
+        order = list(range(len(examples)))
+        random.Random(config.seed).shuffle(order)  # as shuffling the examples themselves
+        examples = _pick(examples, order)
     if config.max_examples:
         examples = examples[: config.max_examples]
     if config.pretraining_dataset:
         notes += check_sources(config)
-    return LoadedData(examples, reports, duplicates, notes)
+    return LoadedData(examples, reports, duplicates, notes, kinds)
 
 
 def split_examples(examples: list[Example], val_set_size: float, seed: int) -> tuple[list, list]:
@@ -316,8 +356,8 @@ def split_examples(examples: list[Example], val_set_size: float, seed: int) -> t
         )
     held = set(order[:n_val])
     return (
-        [ex for i, ex in enumerate(examples) if i not in held],
-        [ex for i, ex in enumerate(examples) if i in held],
+        _pick(examples, [i for i in range(len(examples)) if i not in held]),
+        _pick(examples, [i for i in range(len(examples)) if i in held]),
     )
 
 
@@ -327,11 +367,10 @@ def prepare_data(
     """The whole data step for a run. ``loaded`` reuses :func:`load_examples`; ``processor``
     is a multimodal model's processor, needed for image samples."""
     loaded = loaded or load_examples(config)
-    conversations = any(isinstance(ex.sample, list) for ex in loaded.examples)
-    if conversations or config.chat_template or config.chat_template_jinja:
+    if "conversation" in loaded.kinds or config.chat_template or config.chat_template_jinja:
         _add_notes(loaded, apply_chat_template(tokenizer, config.chat_template,
                                                config.chat_template_jinja))  # fmt: skip
-    if any(ex.rules is not None for ex in loaded.examples):
+    if "rules" in loaded.kinds:
         _check_end_rules(config, tokenizer)
         _add_notes(loaded, end_of_turn_tokens(tokenizer, config.eot_tokens)[1])
     if not config.dataset_prepared_path:
@@ -385,8 +424,8 @@ def tokenize_all(
     train_ex, val_ex = split_examples(loaded.examples, config.val_set_size, config.seed)
     direct = folder is not None and not (config.pretraining_dataset or config.sample_packing)
     files = [cache.split_file(folder if direct else None, name) for name in ("train", "eval")]
-    train, train_counts = encode(train_ex, tokenizer, config, processor, files[0])
-    val, val_counts = encode(val_ex, tokenizer, config, processor, files[1])
+    train, train_counts = encode(train_ex, tokenizer, config, processor, files[0], loaded.kinds)
+    val, val_counts = encode(val_ex, tokenizer, config, processor, files[1], loaded.kinds)
     sources = list(loaded.sources)
     if config.pretraining_dataset:
         read, more = _read_pretraining(config, tokenizer, loaded, train_counts)

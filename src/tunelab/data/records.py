@@ -6,12 +6,13 @@ each other.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from tunelab.config.schema import DatasetSource
 from tunelab.data.documents import Document
-from tunelab.data.formats import Sample, TurnRules
+from tunelab.data.formats import Sample, TurnRules, VisionSample
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,11 @@ class SourceReport:
 
 @dataclass
 class LoadedData:
-    examples: list[Example]
+    examples: Sequence[Example]  # a list, or a view of rows read when needed (data.lazy)
     sources: list[SourceReport]
     duplicates: int = 0
     notes: list[str] = field(default_factory=list)
+    kinds: set[str] = field(default_factory=set)  # what the examples need (prepare.kinds_of)
 
 
 @dataclass
@@ -55,3 +57,16 @@ class PreparedData:
     sources: list[SourceReport]
     stats: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+
+def kinds_of(ex: Example) -> set[str]:
+    """What preparing an example needs: 'conversation' (a chat template), 'vision' (a
+    processor), 'rules' (type chat_template's masking); empty for plain text."""
+    kinds = set()
+    if isinstance(ex.sample, list):
+        kinds.add("conversation")
+    elif isinstance(ex.sample, VisionSample):
+        kinds.add("vision")
+    if ex.rules is not None:
+        kinds.add("rules")
+    return kinds

@@ -15,6 +15,7 @@ import io
 import json
 import sqlite3
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from tunelab.config.locations import (
     sqlite_file,
 )
 from tunelab.data.formats import Mapping
+from tunelab.data.lazy import JsonLines
 from tunelab.errors import DataError
 from tunelab.network import HubUnavailable, hub_or_cache
 from tunelab.redact import redact
@@ -47,7 +49,7 @@ class Row:
 @dataclass
 class Table:
     name: str  # a file path or a dataset id, for messages
-    rows: list[Row]
+    rows: Sequence[Row]  # a list, or a .jsonl file's rows read when needed
     sha256: str | None = None
     format: str | None = None  # known from the source (registry, .txt); else detected
     mapping: Mapping | None = None  # conversation layout from a registry
@@ -87,11 +89,13 @@ def _jsonl(path: Path, text: str) -> list[Row]:
     return rows
 
 
-def read_json(path: Path) -> list[Row]:
-    """Rows of a JSON array file or a JSON-lines file; bad syntax names file and line."""
+def read_json(path: Path) -> Sequence[Row]:
+    """Rows of a JSON array file or a JSON-lines file; bad syntax names file and line. A
+    .jsonl file's rows are read from disk when needed (:class:`~tunelab.data.lazy.JsonLines`),
+    so a file larger than memory can be prepared."""
+    if path.suffix.lower() == ".jsonl":  # read line by line, kept on disk
+        return JsonLines(path)
     text = read_text(path)
-    if path.suffix.lower() == ".jsonl":
-        return _jsonl(path, text)
     try:
         data = loads_json(text, str(path))
     except json.JSONDecodeError as exc:

@@ -85,7 +85,10 @@ def render_segments(
         segments.append(Segment(prompt[len(done) :], train_on_inputs))
         segments.append(Segment(response, True))
         done = through
-    whole = _render(tokenizer, renderer, messages, generation_prompt=False)
+    if messages[-1]["role"] == "assistant" and done:  # rendered whole by the last turn
+        whole = done
+    else:
+        whole = _render(tokenizer, renderer, messages, generation_prompt=False)
     if not whole.startswith(done):
         raise TemplateError("the rendered conversation does not continue its turns")
     segments.append(Segment(whole[len(done) :], train_on_inputs))
