@@ -16,11 +16,20 @@ import json
 import os
 from array import array
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import DataError
 from tunelab.textfile import loads_json, read_text, whole_file_problem
+
+
+@dataclass(frozen=True)
+class Row:
+    """One record and its place: ``where`` reads 'line 12' (JSONL, CSV) or 'row 3'."""
+
+    data: dict[str, Any]
+    where: str
 
 
 class _View(Sequence):
@@ -106,8 +115,6 @@ def _parse(path: Path, raw: bytes, number: int) -> Any:
 
 
 def _row(path: Path, raw: bytes, number: int) -> Any:
-    from tunelab.data.sources import Row
-
     return Row(_parse(path, raw, number), f"line {number}")
 
 

@@ -29,21 +29,13 @@ from tunelab.config.locations import (
     sqlite_file,
 )
 from tunelab.data.formats import Mapping
-from tunelab.data.lazy import JsonLines
+from tunelab.data.lazy import JsonLines, Row
 from tunelab.errors import DataError
 from tunelab.network import HubUnavailable, hub_or_cache
 from tunelab.redact import redact
 from tunelab.textfile import loads_json, read_text
 
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
-
-
-@dataclass(frozen=True)
-class Row:
-    """One record and its place: ``where`` reads 'line 12' (JSONL, CSV) or 'row 3'."""
-
-    data: dict[str, Any]
-    where: str
 
 
 @dataclass
