@@ -51,7 +51,7 @@ IGNORED: dict[str, str] = {
         liger_layer_norm liger_fused_linear_cross_entropy liger_cross_entropy liger_swiglu
         liger_kernel_impl liger_rms_norm_gated liger_use_token_scaling cut_cross_entropy
         use_kernels use_scattermoe use_sonicmoe lora_mlp_kernel lora_qkv_kernel lora_o_kernel
-        lora_embedding_kernel chunked_cross_entropy chunked_cross_entropy_num_chunks
+        lora_embedding_kernel chunked_cross_entropy_num_chunks
         tiled_mlp tiled_mlp_num_shards tiled_mlp_use_original_mlp torch_compile
         torch_compile_backend torch_compile_mode torch_compile_options
         experimental_skip_move_to_device low_cpu_mem_usage sample_packing_bin_size

@@ -466,7 +466,20 @@ class TrainingSection(_Strict):
         None, description="Arguments of gradient checkpointing, e.g. {use_reentrant: false}."
     )
     bf16: bool | Literal["auto"] = Field(
-        "auto", description="Train in bfloat16; 'auto' uses it where the GPU supports it."
+        "auto",
+        description="Train in bfloat16; 'auto' uses it where the GPU supports it, and on a CPU "
+        "whose bf16 matmuls are faster than float32 ones (AMX).",
+    )
+    chunked_cross_entropy: bool | Literal["auto"] = Field(
+        "auto",
+        description="Compute the loss a chunk of positions at a time and only where a token "
+        "is trained, never holding the full logits: the same loss, less memory and time; "
+        "'auto' uses it for the model types it knows.",
+    )
+    fast_lora: bool | Literal["auto"] = Field(
+        "auto",
+        description="Run LoRA layers in fewer passes (the same function; on a CPU a faster "
+        "dropout sampler); 'auto' uses it for every plain LoRA layer.",
     )
     fp16: bool = Field(False, description="Train in float16 mixed precision (GPU only).")
     load_in_8bit: bool = Field(

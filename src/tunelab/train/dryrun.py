@@ -15,6 +15,17 @@ from tunelab.train.estimate import estimate
 from tunelab.train.plan import plan_run, text_config
 
 
+def _origin(key: str, origins: dict[str, str], reasons: tuple[str, ...]) -> str:
+    """Where a planned setting came from: the config, or the plan's reason for it."""
+    if key in origins:
+        return origins[key]
+    for reason in reasons:
+        name, _, rest = reason.partition(" ")
+        if name == key and "(" in rest:
+            return "auto: " + rest[rest.index("(") + 1 : rest.rindex(")")]
+    return "config" if key != "precision" else "bf16/fp16 in the config"
+
+
 def dry_run(loaded: LoadedConfig, log) -> dict[str, Any]:
     """The plan as one JSON-ready object; what the run would say as it plans goes to ``log``."""
     rp = plan_run(loaded, log, strict=False)
@@ -32,13 +43,15 @@ def dry_run(loaded: LoadedConfig, log) -> dict[str, Any]:
     }
     if config.adapter != "full" and config.lora_alpha is None:
         settings["lora_alpha"] = {"value": config.lora_alpha_value, "from": "2 x lora_r"}
-    settings.update({
-        "precision": {"value": plan.precision, "from": "hardware"},
-        "micro_batch_size": {"value": plan.micro_batch_size,
-                             "from": rp.origins.get("micro_batch_size", "hardware")},
-        "gradient_checkpointing": {"value": plan.checkpointing,
-                                   "from": rp.origins.get("gradient_checkpointing", "hardware")},
-    })  # fmt: skip
+    chosen = {  # the settings planned for this machine and model, each with its reason
+        "precision": plan.precision,
+        "micro_batch_size": plan.micro_batch_size,
+        "gradient_checkpointing": plan.checkpointing,
+        "chunked_cross_entropy": plan.chunked_loss,
+        "fast_lora": plan.fast_lora,
+    }
+    for key, value in chosen.items():
+        settings[key] = {"value": value, "from": _origin(key, rp.origins, plan.reasons)}
     return {
         "model": rp.ref.describe(),
         "device": plan.hardware.name,

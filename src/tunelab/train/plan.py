@@ -416,6 +416,37 @@ def _refusals(config: TuneConfig, plan: Plan, model_config: Any, data: PreparedD
         raise ConfigError(problems)
 
 
+def _speed_plan(config: TuneConfig, plan: Plan, model_config: Any) -> Plan:
+    """The plan with the chunked loss and the fast LoRA forward on or off, and why
+    (chunked_cross_entropy, fast_lora); neither changes what is learned."""
+    from tunelab.train.loss import model_problem
+
+    problem = model_problem(model_config)
+    if config.chunked_cross_entropy is True and problem:
+        raise ConfigError(
+            [f"chunked_cross_entropy: {problem}; leave it at auto (the model's own loss is "
+             "used then)"]
+        )  # fmt: skip
+    reasons = list(plan.reasons)
+    chunked = bool(config.chunked_cross_entropy) and not problem
+    if config.chunked_cross_entropy == "auto":
+        reasons.append(
+            f"chunked_cross_entropy off ({problem})"
+            if problem
+            else "chunked_cross_entropy on (logits only where a token is trained, a chunk at "
+            "a time: the same loss, without the full logits)"
+        )
+    lora = config.adapter in ("lora", "qlora")
+    fast = lora and bool(config.fast_lora)
+    if config.fast_lora == "auto":
+        reasons.append(
+            "fast_lora on (LoRA layers in fewer passes: the same function)"
+            if lora
+            else "fast_lora off (no LoRA adapter)"
+        )
+    return dataclasses.replace(plan, chunked_loss=chunked, fast_lora=fast, reasons=tuple(reasons))
+
+
 def plan_run(loaded: LoadedConfig, log=print, strict: bool = True, machine: bool = True) -> RunPlan:
     """Check and decide everything about a run short of loading its weights.
 
@@ -491,6 +522,7 @@ def plan_run(loaded: LoadedConfig, log=print, strict: bool = True, machine: bool
     plan = _fit_batch(plan, config, model_config, (n_params, trainable), data.stats["max_length"],
                       origins)  # fmt: skip
     _refusals(config, plan, model_config, data)
+    plan = _speed_plan(config, plan, model_config)
     effective = {"micro_batch_size": plan.micro_batch_size}
     chosen = [
         f"{k} {effective.get(k, getattr(config, k))} ({why})"

@@ -26,6 +26,8 @@ class Plan:
     gradient_checkpointing: bool
     reasons: tuple[str, ...]
     offload_activations: bool = False  # checkpointed activations kept in CPU memory
+    chunked_loss: bool = False  # the loss without the full logits (train/loss.py)
+    fast_lora: bool = False  # LoRA layers' shorter forward (train/fastlora.py)
 
     @property
     def checkpointing(self) -> bool | str:
@@ -93,8 +95,13 @@ def hardware_problems(config: TuneConfig, hw: Hardware) -> list[str]:
             problems.append(problem)
     if config.fp16 and not gpu:
         problems.append("fp16: float16 training needs a CUDA GPU; set fp16: false")
-    if config.bf16 is True and not hw.bf16:
-        problems.append("bf16: this machine has no bfloat16 GPU support; use bf16: auto")
+    if config.bf16 is True and not hw.bf16 and gpu:
+        problems.append("bf16: this GPU has no bfloat16 support; use bf16: auto")
+    elif config.bf16 is True and not hw.bf16:
+        problems.append(
+            "bf16: this CPU's bfloat16 matmuls are no faster than float32 ones (it has no AMX), "
+            "so bf16 would only lose precision; use bf16: auto"
+        )
     if config.tf32 and not gpu:
         problems.append("tf32: TF32 needs an NVIDIA GPU (Ampere or newer); set tf32: false")
     if config.hub_model_id and not _hub_token():
@@ -103,6 +110,16 @@ def hardware_problems(config: TuneConfig, hw: Hardware) -> list[str]:
             "HF_TOKEN (or run `hf auth login`), or remove hub_model_id"
         )
     return problems + tracker_problems(config)
+
+
+def _precision_reason(hw: Hardware) -> str:
+    if hw.device == "cuda":
+        return f"{'' if hw.bf16 else 'no '}bfloat16 on {hw.name}"
+    if hw.bf16_speedup is None:
+        return "bfloat16 is no faster on this CPU"
+    if hw.bf16:
+        return f"bf16 matmuls {hw.bf16_speedup:g}x as fast as fp32 on this CPU, measured"
+    return f"bf16 matmuls {hw.bf16_speedup:g}x the speed of fp32 on this CPU, measured: no gain"
 
 
 def machine_plan(config: TuneConfig, hw: Hardware) -> Plan:
@@ -116,7 +133,7 @@ def machine_plan(config: TuneConfig, hw: Hardware) -> Plan:
     else:
         precision = "fp32"
     if config.bf16 == "auto" and not config.fp16:
-        reasons.append(f"precision {precision} ({'' if hw.bf16 else 'no '}bfloat16 on {hw.name})")
+        reasons.append(f"precision {precision} ({_precision_reason(hw)})")
     if config.sample_packing:  # each row is already filled up to sequence_len
         batch = config.micro_batch_size or 1
         reason = "one packed row per step"

@@ -277,6 +277,10 @@ def load(planned: Planned, sample_prompts: Sequence[str], log: RunLog) -> Prepar
     samples = [Sample(p, generate(model, rp.tokenizer, p)) for p in sample_prompts]
     set_seed(config.seed)
     model = build_adapter(model, config, plan)
+    if plan.fast_lora:
+        from tunelab.train.fastlora import speed_up_lora
+
+        speed_up_lora(model)
     log(
         f"plan: {config.adapter} on {plan.hardware.name}, {plan.precision}, {rp.steps} steps, "
         f"batch {plan.micro_batch_size}x{config.gradient_accumulation_steps}, "
@@ -343,9 +347,17 @@ def fit(
         prep.config, prep.plan, layout, prep.steps, prep.per_epoch, bool(prep.data.eval), images
     )
     pad_to = prep.config.sequence_len if prep.config.pad_to_sequence_len else None
+    chunked = prep.plan.chunked_loss
+    if chunked:
+        from tunelab.train.loss import chunked_loss_problem
+
+        problem = chunked_loss_problem(prep.model)
+        if problem:
+            log.write(f"note: chunked_cross_entropy off: {problem}")
+            chunked = False
     trainer = build_trainer(
         prep.model, prep.tokenizer, args, prep.data.train, prep.data.eval, callbacks,
-        prep.processor, cycles, pad_to,
+        prep.processor, cycles, pad_to, chunked,
     )  # fmt: skip
     saved_env = {k: os.environ.get(k) for k in tracker_environment(prep.config, layout.root)}
     os.environ.update(tracker_environment(prep.config, layout.root))

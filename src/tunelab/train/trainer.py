@@ -358,13 +358,44 @@ def _dataset(rows: Any) -> Any:
     return rows.dataset if isinstance(rows, Rows) else Dataset.from_list(rows)
 
 
+def _trainer_class(chunked_loss: bool) -> Any:
+    """transformers' Trainer; with ``chunked_loss``, one whose causal LM loss is the chunked
+    cross-entropy of :mod:`tunelab.train.loss` (the same loss, without the full logits)."""
+    from transformers import Trainer
+
+    if not chunked_loss:
+        return Trainer
+
+    from tunelab.train.loss import chunked_causal_lm_loss
+
+    class ChunkedLossTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if "labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            count = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            loss, outputs = chunked_causal_lm_loss(model, head, inputs, count)
+            if self.args.average_tokens_across_devices and count is not None:
+                # as Trainer.compute_loss: the loss is averaged over devices afterwards
+                loss = loss * (
+                    self.accelerator.num_processes // self.get_tp_size()
+                    if self.args.n_gpu <= 1
+                    else self.args.n_gpu
+                )
+            return (loss, outputs) if return_outputs else loss
+
+    return ChunkedLossTrainer
+
+
 def build_trainer(
     model: Any, tokenizer: Any, args: Any, train: list, evaluation: list, callbacks: list,
     processor: Any = None, cycles: list[list[int]] | None = None, pad_to: int | None = None,
+    chunked_loss: bool = False,
 ) -> Any:  # fmt: skip
     """A transformers Trainer whose only console output is tunelab's own callbacks.
-    ``pad_to``: pad every batch of token rows to this length (pad_to_sequence_len)."""
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, ProgressCallback, Trainer
+    ``pad_to``: pad every batch of token rows to this length (pad_to_sequence_len);
+    ``chunked_loss``: the causal LM loss without the full logits (see train/loss.py)."""
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, ProgressCallback
 
     from tunelab.data.packing import is_packed
 
@@ -387,7 +418,7 @@ def build_trainer(
 
         collator = CycleCollator(train, collator)
         train_rows = [{"members": batch} for batch in cycles]
-    trainer = Trainer(
+    trainer = _trainer_class(chunked_loss)(
         model=model,
         args=args,
         train_dataset=_dataset(train_rows),
