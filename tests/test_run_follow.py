@@ -21,7 +21,7 @@ def test_follow_a_training_run_by_its_status_and_metrics(tiny_model_dir, tmp_pat
     args = [sys.executable, "-m", "tunelab.cli", "train", "--data", str(data), "--base-model",
             str(tiny_model_dir), "--output", str(out), "--set", f"max_steps={STEPS}",
             "--set", "logging_steps=1", "--set", "val_set_size=3", "--set", f"eval_steps={EVAL_STEPS}",
-            "--set", "lora_r=4"]  # fmt: skip
+            "--set", "lora_r=4", "--set", "bf16=false"]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen_running: list[int] = []  # steps read from status.json while the run was running
     arrivals: list[int] = []  # how many new metric records each read brought, while running

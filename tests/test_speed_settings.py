@@ -166,3 +166,25 @@ def test_runs_learn_the_same_with_each_speed_setting_on_and_off(tiny_model_dir, 
     first, second = losses(on), losses(off)
     assert len(first) == 6 and first[-1] < first[0]  # it learned
     assert first == pytest.approx(second, rel=1e-4)
+
+
+def test_cpu_precision_follows_the_measured_bf16_speed(alpaca_file):
+    from tunelab.config import load_config
+    from tunelab.model.hardware import Hardware
+    from tunelab.train.preflight import hardware_problems, machine_plan
+
+    config = load_config(overrides={"datasets": [{"path": str(alpaca_file)}]}).config
+    amx = Hardware("cpu", True, "CPU", None, 3.6)
+    slow = Hardware("cpu", False, "CPU", None, 0.4)
+    plan = machine_plan(config, amx)
+    assert plan.precision == "bf16"
+    assert "precision bf16 (bf16 matmuls 3.6x as fast as fp32 on this CPU, measured)" in (
+        plan.reasons
+    )
+    plan = machine_plan(config, slow)
+    assert plan.precision == "fp32" and any("0.4x" in r for r in plan.reasons)
+    forced = config.model_copy(update={"bf16": True})
+    assert hardware_problems(forced, amx) == []
+    (problem,) = hardware_problems(forced, slow)
+    assert problem.startswith("bf16: ") and "use bf16: auto" in problem
+    assert machine_plan(config.model_copy(update={"bf16": False}), amx).precision == "fp32"
