@@ -19,11 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import probe  # noqa: E402
 
 
-def user_text(row: dict[str, str]) -> str:
-    """The user turn, joined as tunelab's alpaca format joins it."""
-    return "\n\n".join(p for p in (row["instruction"], row.get("input", "")) if p.strip())
-
-
 def read_rows(path: str) -> list[dict[str, str]]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -53,7 +48,7 @@ def run_trl(spec: dict[str, Any]) -> int:
     dataset = Dataset.from_list(
         [
             {
-                "prompt": [{"role": "user", "content": user_text(r)}],
+                "prompt": [{"role": "user", "content": probe.user_text(r)}],
                 "completion": [{"role": "assistant", "content": r["output"]}],
             }
             for r in rows
@@ -105,20 +100,9 @@ def run_plain(spec: dict[str, Any]) -> int:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
-    def tokenize(row: dict[str, str]) -> dict[str, list[int]]:
-        prompt = [{"role": "user", "content": user_text(row)}]
-        whole = [*prompt, {"role": "assistant", "content": row["output"]}]
-        head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        text = tokenizer.apply_chat_template(whole, tokenize=False)
-        assert text.startswith(head)
-        ids_head = tokenizer(head, add_special_tokens=False)["input_ids"]
-        ids_tail = tokenizer(text[len(head) :], add_special_tokens=False)["input_ids"]
-        ids = (ids_head + ids_tail)[: spec["sequence_len"]]
-        labels = ([-100] * len(ids_head) + ids_tail)[: spec["sequence_len"]]
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-
     dataset = Dataset.from_list(read_rows(spec["data"])).map(
-        tokenize, remove_columns=["instruction", "input", "output"]
+        lambda row: probe.encode(tokenizer, row, spec["sequence_len"]),
+        remove_columns=["instruction", "input", "output"],
     )
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
     model = get_peft_model(model, lora_config(spec))

@@ -3,9 +3,11 @@
 ``install()`` wraps ``transformers.Trainer.train``: each trainer gets a callback that
 records the wall-clock time of every optimizer step, the non-padding input tokens of every
 micro-batch (the sum of ``attention_mask``; all ``input_ids`` where a batch has no mask),
-the logged losses and the batch settings, and writes them as JSON to ``$BENCH_PROBE`` when
-training ends. ``$BENCH_T0`` is the wall-clock time at which the harness started the
-process, so the time to the first step counts imports, model loading and data preparation.
+the logged losses and the batch settings, and when training ends the loss of the trained
+model on held-out examples (``$BENCH_HELDOUT``, tokenized alike for every contender), and
+writes them as JSON to ``$BENCH_PROBE``. ``$BENCH_T0`` is the wall-clock time at which the
+harness started the process, so the time to the first step counts imports, model loading
+and data preparation.
 """
 
 from __future__ import annotations
@@ -24,6 +26,53 @@ def _tokens(inputs: Any) -> int:
         return int(mask.sum())
     ids = inputs["input_ids"]
     return int(ids.numel())
+
+
+def user_text(row: dict[str, str]) -> str:
+    """The user turn, joined as tunelab's alpaca format joins it."""
+    return "\n\n".join(p for p in (row["instruction"], row.get("input", "")) if p.strip())
+
+
+def encode(tokenizer: Any, row: dict[str, str], sequence_len: int) -> dict[str, list[int]]:
+    """An alpaca row as one user and one assistant turn in the chat template, the prompt
+    masked out of the labels."""
+    prompt = [{"role": "user", "content": user_text(row)}]
+    whole = [*prompt, {"role": "assistant", "content": row["output"]}]
+    head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(whole, tokenize=False)
+    assert text.startswith(head)
+    ids_head = tokenizer(head, add_special_tokens=False)["input_ids"]
+    ids_tail = tokenizer(text[len(head) :], add_special_tokens=False)["input_ids"]
+    ids = (ids_head + ids_tail)[:sequence_len]
+    labels = ([-100] * len(ids_head) + ids_tail)[:sequence_len]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def heldout_loss(model: Any) -> float | None:
+    """The mean per-example loss of ``model`` (as it is after training, in eval mode, no
+    autocast) on the held-out rows of ``$BENCH_HELDOUT``; None without them."""
+    path = os.environ.get("BENCH_HELDOUT")
+    if not path:
+        return None
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(os.environ["BENCH_MODEL"])
+    length = int(os.environ["BENCH_SEQUENCE_LEN"])
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for row in rows:
+            item = encode(tokenizer, row, length)
+            ids = torch.tensor([item["input_ids"]], device=device)
+            labels = torch.tensor([item["labels"]], device=device)
+            losses.append(float(model(input_ids=ids, labels=labels).loss))
+    model.train(was_training)
+    return sum(losses) / len(losses)
 
 
 def install() -> None:
@@ -67,6 +116,7 @@ def install() -> None:
                 "base_parameters": params,
                 "trainable_parameters": trainable,
                 "peak_rss_self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "heldout_loss": heldout_loss(model),
             }
             with open(out, "w") as f:
                 json.dump(record, f)

@@ -26,6 +26,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 CONTENDERS = ("tunelab", "trl", "plain")
+HELDOUT = 24  # examples every trained model is scored on, the same for all
 LABELS = {
     "tunelab": "tunelab (defaults)",
     "trl": "TRL SFTTrainer (defaults)",
@@ -92,7 +93,7 @@ def sample_lengths(model: str, rows: list[dict[str, str]], sequence_len: int) ->
     from transformers import AutoTokenizer
 
     sys.path.insert(0, str(HERE))
-    from child import user_text
+    from probe import user_text
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     lengths = []
@@ -178,7 +179,9 @@ def run_contender(name: str, spec: dict[str, Any], work: Path) -> dict[str, Any]
     probe_path = work / f"{name}.probe.json"
     probe_path.unlink(missing_ok=True)
     log_path = work / f"{name}.log"
-    env = {**os.environ, "BENCH_PROBE": str(probe_path), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "BENCH_PROBE": str(probe_path), "TOKENIZERS_PARALLELISM": "false",
+           "BENCH_HELDOUT": spec["heldout"], "BENCH_MODEL": spec["model"],
+           "BENCH_SEQUENCE_LEN": str(spec["sequence_len"])}  # fmt: skip
     print(f"== {LABELS[name]} (log: {log_path})", flush=True)
     with open(log_path, "w") as log:
         env["BENCH_T0"] = repr(time.time())
@@ -220,6 +223,7 @@ def summarize(record: dict[str, Any], flops_per_token: float, attention_flops: f
         "mfu": flops / epoch_s / peak,
         "loss_mean": sum(losses) / len(losses) if losses else math.nan,
         "loss_last": losses[-1] if losses else math.nan,
+        "heldout_loss": record.get("heldout_loss") or math.nan,
         "steps": len(steps),
         "micro_batch_size": record["micro_batch_size"],
         "gradient_accumulation_steps": record["gradient_accumulation_steps"],
@@ -232,7 +236,7 @@ def summarize(record: dict[str, Any], flops_per_token: float, attention_flops: f
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     head = (
         "| contender | tokens/s | s/epoch | first step (s) | peak RSS (MiB) | MFU | "
-        "loss (epoch mean) | last loss | tokens | batch | grad. ckpt | bf16 |\n"
+        "loss (epoch mean) | held-out loss | tokens | batch | grad. ckpt | bf16 |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|\n"
     )
     lines = []
@@ -244,7 +248,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append(
             f"| {r['contender']} | {r['tokens_per_s']:.1f} | {r['epoch_s']:.1f} | "
             f"{r['first_step_s']:.1f} | {r['peak_memory_mb']:.0f} | {100 * r['mfu']:.1f}% | "
-            f"{r['loss_mean']:.4f} | {r['loss_last']:.4f} | {r['tokens']} | "
+            f"{r['loss_mean']:.4f} | {r['heldout_loss']:.4f} | {r['tokens']} | "
             f"{r['micro_batch_size']}x{r['gradient_accumulation_steps']} | "
             f"{'yes' if r['gradient_checkpointing'] else 'no'} | {'yes' if r['bf16'] else 'no'} |"
         )
@@ -304,9 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = make_examples(n, seed=0, scale=args.length_scale)
     data = work / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    heldout = work / "heldout.jsonl"  # every contender's model is scored on these after training
+    held = make_examples(HELDOUT, seed=1, scale=args.length_scale)
+    heldout.write_text("".join(json.dumps(r) + "\n" for r in held))
     spec = {
         "model": model, "data": str(data), "sequence_len": args.sequence_len, "seed": args.seed,
-        "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
+        "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "heldout": str(heldout),
     }  # fmt: skip
     peak = matmul_peak(device, args.matmul_size)
     print(f"matmul peak: {peak['flops'] / 1e9:.1f} GFLOP/s ({peak['dtype']}, {device})")

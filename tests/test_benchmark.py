@@ -32,6 +32,7 @@ def test_benchmark_runs_every_contender_on_the_same_tokens(tiny_model_dir, tmp_p
         assert row["tokens_per_s"] > 0 and row["epoch_s"] > 0 and row["first_step_s"] > 0
         assert row["peak_memory_mb"] > 0 and row["mfu"] > 0
         assert math.isfinite(row["loss_mean"]) and math.isfinite(row["loss_last"])
+        assert math.isfinite(row["heldout_loss"])  # the trained model scored on held-out rows
         assert row["steps"] == 2  # 8 examples, batch 4
     assert len({row["tokens"] for row in trained}) == 1, [r["tokens"] for r in trained]
     assert trained[0]["tokens"] == result["meta"]["sample_tokens"]
