@@ -159,8 +159,11 @@ def test_runs_learn_the_same_with_each_speed_setting_on_and_off(tiny_model_dir, 
             "micro_batch_size": 2}  # fmt: skip
     on = run(tiny_model_dir, data, tmp_path / "on", **same)
     off = run(tiny_model_dir, data, tmp_path / "off", chunked_cross_entropy=False,
-              fast_lora=False, **same)  # fmt: skip
-    assert "chunked_cross_entropy on" in (on.run_dir / "train.log").read_text()
+              fast_lora=False, padding_free=False, **same)  # fmt: skip
+    log = (on.run_dir / "train.log").read_text()
+    assert "chunked_cross_entropy on" in log and "padding_free on" in log
+    assert on.model.config._attn_implementation == "sdpa_per_sample"
+    assert off.model.config._attn_implementation == "sdpa"
     fast = [any("forward" in vars(m) for m in r.model.modules()) for r in (on, off)]
     assert fast == [True, False]
     first, second = losses(on), losses(off)
@@ -188,3 +191,26 @@ def test_cpu_precision_follows_the_measured_bf16_speed(alpaca_file):
     (problem,) = hardware_problems(forced, slow)
     assert problem.startswith("bf16: ") and "use bf16: auto" in problem
     assert machine_plan(config.model_copy(update={"bf16": False}), amx).precision == "fp32"
+
+
+def test_samples_end_to_end_attend_as_a_padded_batch(tiny_model_dir):
+    from tunelab.model.varlen import use_per_sample_attention
+    from tunelab.train.trainer import FlatRowsCollator
+
+    model = lora_model(tiny_model_dir)
+    inputs = batch(model.config.vocab_size)
+    padded = own_loss(model, inputs, count=30)
+    rows = [
+        {"input_ids": ids[mask == 1].tolist(), "labels": labels[mask == 1].tolist()}
+        for ids, mask, labels in zip(
+            inputs["input_ids"], inputs["attention_mask"], inputs["labels"], strict=True
+        )
+    ]
+    flat = FlatRowsCollator()(rows)
+    assert flat["input_ids"].shape == (1, 17 + 9 + 12)  # no padding
+    assert flat["cu_seq_lens_q"].tolist() == [0, 17, 26, 38]
+    assert use_per_sample_attention(model.get_base_model())
+    assert torch.allclose(own_loss(model, flat, count=30), padded, rtol=1e-5)
+    # and without the bounds the row would be one long sample: a different loss
+    joined = {k: v for k, v in flat.items() if k in ("input_ids", "labels")}
+    assert not torch.allclose(own_loss(model, joined, count=30), padded, rtol=1e-3)

@@ -476,6 +476,12 @@ class TrainingSection(_Strict):
         "is trained, never holding the full logits: the same loss, less memory and time; "
         "'auto' uses it for the model types it knows.",
     )
+    padding_free: bool | Literal["auto"] = Field(
+        "auto",
+        description="Lay a batch's samples end to end in one row instead of padding them, "
+        "each sample attending only to itself; 'auto' does so where the model's attention "
+        "allows it (SDPA or flash attention, no sliding window).",
+    )
     fast_lora: bool | Literal["auto"] = Field(
         "auto",
         description="Run LoRA layers in fewer passes (the same function; on a CPU a faster "

@@ -444,7 +444,36 @@ def _speed_plan(config: TuneConfig, plan: Plan, model_config: Any) -> Plan:
             if lora
             else "fast_lora off (no LoRA adapter)"
         )
-    return dataclasses.replace(plan, chunked_loss=chunked, fast_lora=fast, reasons=tuple(reasons))
+    flat, why = _padding_free(config, model_config)
+    if config.padding_free is True and why:
+        raise ConfigError([f"padding_free: {why}; leave it at auto"])
+    if config.padding_free == "auto":
+        reasons.append(
+            f"padding_free off ({why})"
+            if why
+            else "padding_free on (samples end to end, each attending to itself: no padding)"
+        )
+    return dataclasses.replace(
+        plan, chunked_loss=chunked, fast_lora=fast, padding_free=bool(config.padding_free)
+        and flat, reasons=tuple(reasons),
+    )  # fmt: skip
+
+
+def _padding_free(config: TuneConfig, model_config: Any) -> tuple[bool, str | None]:
+    """(whether a batch's samples can go end to end in one row, why not)."""
+    from tunelab.model.varlen import model_problem
+
+    attention = config.attn_implementation or "sdpa"
+    if config.pad_to_sequence_len:
+        return False, "pad_to_sequence_len pads every batch"
+    if config.scaling_softmax:
+        return False, "scaling_softmax wraps the attention"
+    if config.circular:
+        return False, "circular training batches its own way"
+    if attention != "sdpa" and "flash" not in attention:
+        return False, f"attn_implementation {attention} needs padded batches"
+    problem = model_problem(model_config)
+    return problem is None, problem
 
 
 def plan_run(loaded: LoadedConfig, log=print, strict: bool = True, machine: bool = True) -> RunPlan:

@@ -28,6 +28,7 @@ class Plan:
     offload_activations: bool = False  # checkpointed activations kept in CPU memory
     chunked_loss: bool = False  # the loss without the full logits (train/loss.py)
     fast_lora: bool = False  # LoRA layers' shorter forward (train/fastlora.py)
+    padding_free: bool = False  # samples end to end in one row (model/varlen.py)
 
     @property
     def checkpointing(self) -> bool | str:

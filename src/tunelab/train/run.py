@@ -272,6 +272,12 @@ def load(planned: Planned, sample_prompts: Sequence[str], log: RunLog) -> Prepar
     ssmax = ssmax_settings(config)
     if ssmax:
         use_ssmax(model, *ssmax)
+    if plan.padding_free and "flash" not in (config.attn_implementation or ""):
+        from tunelab.model.varlen import use_per_sample_attention
+
+        if not use_per_sample_attention(model):
+            log(f"note: padding_free off: {type(model).__name__} cannot change its attention")
+            plan = dataclasses.replace(plan, padding_free=False)
     if config.special_tokens:
         use_special_tokens(model, rp.tokenizer)
     samples = [Sample(p, generate(model, rp.tokenizer, p)) for p in sample_prompts]
@@ -357,7 +363,7 @@ def fit(
             chunked = False
     trainer = build_trainer(
         prep.model, prep.tokenizer, args, prep.data.train, prep.data.eval, callbacks,
-        prep.processor, cycles, pad_to, chunked,
+        prep.processor, cycles, pad_to, chunked, prep.plan.padding_free,
     )  # fmt: skip
     saved_env = {k: os.environ.get(k) for k in tracker_environment(prep.config, layout.root)}
     os.environ.update(tracker_environment(prep.config, layout.root))

@@ -349,6 +349,20 @@ class PackedRowsCollator:
         return self.flatten(samples)
 
 
+class FlatRowsCollator:
+    """A batch of token rows -> one row, the samples end to end (transformers'
+    DataCollatorWithFlattening), with each sample's bounds for the attention and position
+    ids that restart per sample; no padding."""
+
+    def __init__(self) -> None:
+        from transformers import DataCollatorWithFlattening
+
+        self.flatten = DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.flatten([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+
+
 def _dataset(rows: Any) -> Any:
     """Prepared rows as the trainer's dataset: memory-mapped Arrow rows as they are."""
     from datasets import Dataset
@@ -390,11 +404,13 @@ def _trainer_class(chunked_loss: bool) -> Any:
 def build_trainer(
     model: Any, tokenizer: Any, args: Any, train: list, evaluation: list, callbacks: list,
     processor: Any = None, cycles: list[list[int]] | None = None, pad_to: int | None = None,
-    chunked_loss: bool = False,
+    chunked_loss: bool = False, padding_free: bool = False,
 ) -> Any:  # fmt: skip
     """A transformers Trainer whose only console output is tunelab's own callbacks.
     ``pad_to``: pad every batch of token rows to this length (pad_to_sequence_len);
-    ``chunked_loss``: the causal LM loss without the full logits (see train/loss.py)."""
+    ``chunked_loss``: the causal LM loss without the full logits (see train/loss.py);
+    ``padding_free``: each batch's samples end to end in one row, with their bounds for the
+    attention (see model/varlen.py)."""
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, ProgressCallback
 
     from tunelab.data.packing import is_packed
@@ -406,7 +422,9 @@ def build_trainer(
     elif is_packed(train):
         # flash attention (a package or a Hub kernel) takes the samples' bounds directly
         attention = getattr(model.config, "_attn_implementation", None) or ""
-        collator = PackedRowsCollator("flash" in wrapped_attention(attention))
+        collator = PackedRowsCollator("flash" in wrapped_attention(attention) or padding_free)
+    elif padding_free:
+        collator = FlatRowsCollator()
     else:
         collator = DataCollatorForSeq2Seq(
             tokenizer, padding="max_length" if pad_to else True, max_length=pad_to,
