@@ -151,7 +151,11 @@ def builtin_model_dir() -> str:
     return str(convert_gguf(builtin_gguf()))
 
 
-def tunelab_config(path: Path, spec: dict[str, Any], micro_batch_size: int | None) -> None:
+def tunelab_config(
+    path: Path, spec: dict[str, Any], micro_batch_size: int | None, settings: list[str] = ()
+) -> None:
+    """tunelab's config for the work: the workload only, plus ``settings`` ('key=value',
+    the value read as YAML) to compare a setting against tunelab's own choice."""
     import yaml
 
     config = {
@@ -169,6 +173,9 @@ def tunelab_config(path: Path, spec: dict[str, Any], micro_batch_size: int | Non
     }
     if micro_batch_size:
         config["micro_batch_size"] = micro_batch_size
+    for item in settings:
+        key, _, value = item.partition("=")
+        config[key.strip()] = yaml.safe_load(value)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
@@ -292,8 +299,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch-size", type=int, help="default: tunelab's choice")
     parser.add_argument("--only", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a tunelab setting over its own choice (e.g. bf16=false)",
+    )
     parser.add_argument("--matmul-size", type=int, help="the peak's matmul (default 4096 on CPU)")
     args = parser.parse_args(argv)
+    if args.set:
+        LABELS["tunelab"] = f"tunelab ({', '.join(args.set)})"
 
     import torch
 
@@ -326,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         s = {**spec, "run_dir": str(work / name)}
         if name == "tunelab":
             config = work / "tunelab.yaml"
-            tunelab_config(config, s, args.micro_batch_size)
+            tunelab_config(config, s, args.micro_batch_size, args.set)
             s["config"] = str(config)
         else:
             mbs, ga, lr = batch

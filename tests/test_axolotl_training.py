@@ -240,7 +240,7 @@ def test_pad_to_sequence_len_pads_every_batch(tiny_model_dir, alpaca_file, tmp_p
     assert widths and set(widths) == {(96, 96)}
     widths.clear()
     run(tiny_model_dir, alpaca_file, tmp_path / "plain", max_steps=2, micro_batch_size=2,
-        sequence_len=96)  # fmt: skip
+        sequence_len=96, padding_free=False)  # fmt: skip
     assert widths and all(w < 96 for w, _ in widths)  # padded only to the longest
 
 
@@ -799,7 +799,7 @@ def test_ssmax_with_flash_attention_is_only_a_machine_problem(tiny_model_dir, al
     code, err = cli(["validate", *common], capsys)
     reason = "attn_implementation: flash_attention_2 needs a CUDA GPU"
     assert code == 0 and f"warning: valid, but this machine cannot run it: {reason}" in err
-    assert "scaling_softmax" not in err
+    assert "scaling_softmax:" not in err  # no problem with it (a plan note may name it)
     code, err = cli(["train", *common, "--output", str(tmp_path / "o"), "--max-steps", "1"],
                     capsys)  # fmt: skip
     assert code == 2 and reason in err and not (tmp_path / "o").exists()
