@@ -102,6 +102,12 @@ def _parse(path: Path, raw: bytes, number: int) -> Any:
     except UnicodeDecodeError:
         read_text(path)  # says what the file is instead, and where
         raise DataError(f"{path}:{number}: line {number} is not UTF-8 text") from None
+    return json_line(path, text, number)
+
+
+def json_line(path: Path, text: str, number: int) -> dict[str, Any]:
+    """Line ``number`` of JSON Lines file ``path``: one JSON object, else a DataError that
+    names the file and line."""
     try:
         item = loads_json(text, f"{path}:{number}")
     except json.JSONDecodeError as exc:

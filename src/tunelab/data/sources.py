@@ -29,7 +29,7 @@ from tunelab.config.locations import (
     sqlite_file,
 )
 from tunelab.data.formats import Mapping
-from tunelab.data.lazy import JsonLines, Row
+from tunelab.data.lazy import JsonLines, Row, json_line
 from tunelab.errors import DataError
 from tunelab.network import HubUnavailable, hub_or_cache
 from tunelab.redact import redact
@@ -64,20 +64,8 @@ def sha256(path: Path) -> str:
 def _jsonl(path: Path, text: str) -> list[Row]:
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = loads_json(line, f"{path}:{number}")
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{path}:{number}: invalid JSON on line {number} ({exc.msg}, column {exc.colno})",
-                "each line of a .jsonl file must be one complete JSON object",
-            ) from None
-        if not isinstance(item, dict):
-            raise DataError(
-                f"{path}:{number}: line {number} is {type(item).__name__}, not an object"
-            )
-        rows.append(Row(item, f"line {number}"))
+        if line.strip():
+            rows.append(Row(json_line(path, line, number), f"line {number}"))
     return rows
 
 

@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from typing import Any
 
 IGNORE_INDEX = -100
-CHUNK = 256  # positions per chunk: 256 x 49,152 float32 logits are 48 MiB
+CHUNK = 256  # at most this many positions per chunk
+CHUNK_FLOATS = 6 * 2**20  # and at most 24 MiB of float32 logits (malloc reuses, not maps, it)
 # model types whose head is a bias-free linear layer whose output is the logits as they
 # are (no soft-capping or scaling after it)
 PLAIN_HEADS = frozenset(
@@ -25,6 +26,10 @@ PLAIN_HEADS = frozenset(
     starcoder2 stablelm""".split()
 )
 _SCALED = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _chunk_rows(vocabulary: int) -> int:
+    return max(8, min(CHUNK, CHUNK_FLOATS // vocabulary))
 
 
 def _linear_cross_entropy():
@@ -44,22 +49,23 @@ def _linear_cross_entropy():
                     else None
                 )
                 total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-                for start in range(0, hidden.shape[0], CHUNK):
-                    h = hidden[start : start + CHUNK]
-                    t = targets[start : start + CHUNK]
-                    logits = (h @ weight.T).float()
-                    top = logits.amax(dim=-1, keepdim=True)
-                    picked = logits.gather(1, t[:, None])
-                    probs = logits.sub_(top).exp_()  # in place: the logits are not needed again
-                    sums = probs.sum(dim=-1, keepdim=True)
-                    total += (sums.log() + top - picked).sum()
+                rows = _chunk_rows(weight.shape[0])
+                grad = torch.empty(
+                    (rows, weight.shape[0]), dtype=hidden.dtype, device=hidden.device
+                )
+                for start in range(0, hidden.shape[0], rows):
+                    h = hidden[start : start + rows]
+                    t = targets[start : start + rows, None]
+                    # row by row in float32: the whole vocabulary of a row stays in cache
+                    logp = torch.log_softmax((h @ weight.T).float(), dim=-1)
+                    total -= logp.gather(1, t).sum()
                     # d(loss)/d(logits) = softmax - one-hot, times the scale
-                    probs.mul_(scale / sums)
-                    probs.scatter_add_(1, t[:, None], torch.full_like(picked, -scale))
-                    grad = probs.to(hidden.dtype)
-                    grad_hidden[start : start + CHUNK] = grad @ weight
+                    probs = logp.exp_()
+                    probs.scatter_add_(1, t, torch.full(t.shape, -1.0, device=t.device))
+                    g = grad[: h.shape[0]].copy_(probs.mul_(scale))
+                    grad_hidden[start : start + rows] = g @ weight
                     if grad_weight is not None:
-                        grad_weight += (grad.T @ h).float()
+                        grad_weight += (g.T @ h).float()
             ctx.save_for_backward(grad_hidden, grad_weight)
             ctx.weight_dtype = weight.dtype
             return total * scale
