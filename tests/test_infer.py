@@ -39,7 +39,11 @@ def test_merge_matches_base_plus_adapter(trained, tmp_path, capsys):
     adapted, tokenizer = load_run(trained.run_dir)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     with torch.no_grad():
-        assert torch.allclose(merged(ids).logits, adapted.eval()(ids).logits, atol=1e-5)
+        got, want = merged(ids).logits, adapted.eval()(ids).logits
+        # merged weights (W + s*B@A) round differently from W and B@A apart: float32 noise
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+        with adapted.disable_adapter():  # and the adapter moves the logits far more than that
+            assert (want - adapted(ids).logits).abs().max() > 1e-2
         greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         assert torch.equal(
             merged.generate(ids, **greedy), adapted.generate(input_ids=ids, **greedy)
