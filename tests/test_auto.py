@@ -114,7 +114,7 @@ def test_dry_run_json_plans_without_training(tiny_model_dir, alpaca_file, tmp_pa
     expected = "bf16" if hardware.bf16 else "fp32"  # what auto precision picks on this machine
     assert settings["precision"]["value"] == expected
     assert settings["precision"]["from"].startswith("auto: ")  # with the reason for this machine
-    for key in ("chunked_cross_entropy", "fast_lora"):  # speed settings: on, with a reason
+    for key in ("chunked_cross_entropy", "padding_free", "fast_lora"):  # on, with a reason
         assert settings[key]["value"] is True and settings[key]["from"].startswith("auto: "), key
     assert (
         report["parameters"]["trainable"] > 0

@@ -48,6 +48,7 @@ def dry_run(loaded: LoadedConfig, log) -> dict[str, Any]:
         "micro_batch_size": plan.micro_batch_size,
         "gradient_checkpointing": plan.checkpointing,
         "chunked_cross_entropy": plan.chunked_loss,
+        "padding_free": plan.padding_free,
         "fast_lora": plan.fast_lora,
     }
     for key, value in chosen.items():
