@@ -416,64 +416,57 @@ def _refusals(config: TuneConfig, plan: Plan, model_config: Any, data: PreparedD
         raise ConfigError(problems)
 
 
+def _speed_setting(value: Any, key: str, problem: str | None, on: str) -> tuple[bool, str | None]:
+    """(whether speed setting ``key`` is used, the reason to print when it was left at auto);
+    ``problem``: what keeps it from this run, which makes asking for it an error."""
+    if value is True and problem:
+        raise ConfigError([f"{key}: {problem}; leave it at auto"])
+    if value != "auto":
+        return bool(value) and not problem, None
+    return not problem, f"{key} {'off' if problem else 'on'} ({problem or on})"
+
+
 def _speed_plan(config: TuneConfig, plan: Plan, model_config: Any) -> Plan:
-    """The plan with the chunked loss and the fast LoRA forward on or off, and why
-    (chunked_cross_entropy, fast_lora); neither changes what is learned."""
+    """The plan with each speed setting on or off, and why (chunked_cross_entropy, fast_lora,
+    padding_free); none changes what is learned."""
     from tunelab.train.loss import model_problem
 
-    problem = model_problem(model_config)
-    if config.chunked_cross_entropy is True and problem:
-        raise ConfigError(
-            [f"chunked_cross_entropy: {problem}; leave it at auto (the model's own loss is "
-             "used then)"]
-        )  # fmt: skip
-    reasons = list(plan.reasons)
-    chunked = bool(config.chunked_cross_entropy) and not problem
-    if config.chunked_cross_entropy == "auto":
-        reasons.append(
-            f"chunked_cross_entropy off ({problem})"
-            if problem
-            else "chunked_cross_entropy on (logits only where a token is trained, a chunk at "
-            "a time: the same loss, without the full logits)"
-        )
     lora = config.adapter in ("lora", "qlora")
-    fast = lora and bool(config.fast_lora)
-    if config.fast_lora == "auto":
-        reasons.append(
-            "fast_lora on (LoRA layers in fewer passes: the same function)"
-            if lora
-            else "fast_lora off (no LoRA adapter)"
-        )
-    flat, why = _padding_free(config, model_config)
-    if config.padding_free is True and why:
-        raise ConfigError([f"padding_free: {why}; leave it at auto"])
-    if config.padding_free == "auto":
-        reasons.append(
-            f"padding_free off ({why})"
-            if why
-            else "padding_free on (samples end to end, each attending to itself: no padding)"
-        )
-    return dataclasses.replace(
-        plan, chunked_loss=chunked, fast_lora=fast, padding_free=bool(config.padding_free)
-        and flat, reasons=tuple(reasons),
+    chunked, *why = _speed_setting(
+        config.chunked_cross_entropy, "chunked_cross_entropy", model_problem(model_config),
+        "logits only where a token is trained, a chunk at a time: the same loss, without the "
+        "full logits",
     )  # fmt: skip
+    fast, reason = _speed_setting(
+        config.fast_lora, "fast_lora", None if lora else "no LoRA adapter",
+        "LoRA layers in fewer passes: the same function",
+    )  # fmt: skip
+    why.append(reason)
+    flat, reason = _speed_setting(
+        config.padding_free, "padding_free", _padding_free(config, model_config),
+        "samples end to end, each attending to itself: no padding",
+    )  # fmt: skip
+    why.append(reason)
+    reasons = (*plan.reasons, *(r for r in why if r))
+    return dataclasses.replace(
+        plan, chunked_loss=chunked, fast_lora=fast, padding_free=flat, reasons=reasons
+    )
 
 
-def _padding_free(config: TuneConfig, model_config: Any) -> tuple[bool, str | None]:
-    """(whether a batch's samples can go end to end in one row, why not)."""
+def _padding_free(config: TuneConfig, model_config: Any) -> str | None:
+    """Why a batch's samples cannot go end to end in one row; None when they can."""
     from tunelab.model.varlen import model_problem
 
     attention = config.attn_implementation or "sdpa"
     if config.pad_to_sequence_len:
-        return False, "pad_to_sequence_len pads every batch"
+        return "pad_to_sequence_len pads every batch"
     if config.scaling_softmax:
-        return False, "scaling_softmax wraps the attention"
+        return "scaling_softmax wraps the attention"
     if config.circular:
-        return False, "circular training batches its own way"
+        return "circular training batches its own way"
     if attention != "sdpa" and "flash" not in attention:
-        return False, f"attn_implementation {attention} needs padded batches"
-    problem = model_problem(model_config)
-    return problem is None, problem
+        return f"attn_implementation {attention} needs padded batches"
+    return model_problem(model_config)
 
 
 def plan_run(loaded: LoadedConfig, log=print, strict: bool = True, machine: bool = True) -> RunPlan:
